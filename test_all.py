@@ -1,0 +1,895 @@
+"""
+nanoBTLM's tests. Run `python test_all.py` (it runs pytest on this file). Everything runs on CPU; tests that need a
+GPU say why they are skipped. Tolerances are stated next to each assertion.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+import mup  # noqa: E402
+from model import GPT, GPTConfig, ModelError, PRESETS, alibi_slopes, get_preset  # noqa: E402
+
+
+def run_cli(*args, cwd=ROOT, timeout=300):
+    """Run one of the project's scripts as a user would; returns (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    base = dict(vocab_size=97, n_layer=2, n_head=3, n_embd=48, block_size=32)
+    base.update(kw)
+    return GPT(GPTConfig(**base))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model.py: ALiBi, attention paths, KV cache, presets
+
+def test_alibi_slopes_powers_of_two_and_others():
+    s = alibi_slopes(32)
+    assert s[0].item() == pytest.approx(2 ** -0.25, rel=1e-6) and s[-1].item() == pytest.approx(2 ** -8, rel=1e-6)
+    assert alibi_slopes(8).tolist() == pytest.approx([2.0 ** -k for k in range(1, 9)], rel=1e-6)
+    # 6 heads: the 4 power-of-two slopes, then every other slope of the 8-head set (SPEC §1)
+    assert alibi_slopes(6).tolist() == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3], rel=1e-6)
+    assert alibi_slopes(1).tolist() == pytest.approx([2 ** -8])
+    assert len(alibi_slopes(12)) == 12 and len(set(alibi_slopes(12).tolist())) == 12
+    with pytest.raises(ModelError):
+        alibi_slopes(0)
+
+
+@pytest.mark.parametrize("n_head", [3, 4])
+def test_sdpa_path_matches_naive_reference_fp32_and_grads(n_head):
+    m = tiny(n_head=n_head, n_embd=12 * n_head)
+    attn = m.transformer.h[0].attn
+    x = torch.randn(2, 40, m.config.n_embd, requires_grad=True)
+    outs, grads = [], []
+    for impl in ("sdpa", "naive"):
+        attn.impl = impl
+        x.grad = None
+        attn.zero_grad()
+        y = attn(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append(torch.cat([x.grad.flatten(), attn.c_attn.weight.grad.flatten()]))
+    # fp32: the two paths differ only by summation order, errors ~1e-7 on O(1) values
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+    assert (grads[0] - grads[1]).abs().max().item() < 1e-5
+
+
+def test_sdpa_path_matches_naive_under_bf16_autocast():
+    m = tiny()
+    attn = m.transformer.h[0].attn
+    x = torch.randn(2, 64, m.config.n_embd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn.impl = "sdpa"
+        y = attn(x).float()
+        attn.impl = "naive"
+        y_ref = attn(x).float()
+    attn.impl = "naive"
+    y32 = attn(x)
+    # bf16 keeps 8 mantissa bits (relative 4e-3); outputs here are O(0.1), so 2e-2 absolute is a few ulps
+    assert (y - y_ref).abs().max().item() < 2e-2
+    assert (y - y32).abs().max().item() < 2e-2
+
+
+def test_flex_attention_alibi_score_mod_forward_on_cpu():
+    # flex_attention only runs its forward on CPU; this checks the score_mod and block mask, CUDA trains it
+    m = tiny()
+    attn = m.transformer.h[0].attn
+    x = torch.randn(2, 32, m.config.n_embd)
+    with torch.no_grad():
+        attn.impl = "flex"
+        y = attn(x)
+        attn.impl = "naive"
+        y_ref = attn(x)
+    assert (y - y_ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention trains only on CUDA; no GPU here")
+def test_flex_attention_trains_on_cuda():
+    m = tiny(n_head=4, n_embd=64).cuda()
+    attn = m.transformer.h[0].attn
+    x = torch.randn(2, 128, 64, device="cuda", requires_grad=True)
+    ys = []
+    for impl in ("flex", "naive"):
+        attn.impl, x.grad = impl, None
+        y = attn(x)
+        y.sum().backward()
+        ys.append((y.detach(), x.grad.clone()))
+    assert (ys[0][0] - ys[1][0]).abs().max().item() < 1e-4 and (ys[0][1] - ys[1][1]).abs().max().item() < 1e-4
+
+
+def test_kv_cache_prefill_in_chunks_matches_full_forward():
+    m = tiny()
+    idx = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        full, _ = m(idx, idx)  # logits at every position
+        cache = m.new_cache()
+        chunks = [m(idx[:, a:b], cache=cache)[0][:, -1] for a, b in ((0, 11), (11, 12), (12, 30))]
+    for (a, b), got in zip(((0, 11), (11, 12), (12, 30)), chunks):
+        assert (got - full[:, b - 1]).abs().max().item() < 1e-5
+
+
+def test_greedy_generation_with_cache_equals_recompute_beyond_block_size():
+    m = tiny(block_size=16)
+    prompt = torch.randint(0, 97, (2, 5))
+    a = m.generate(prompt, 40, temperature=0, use_cache=True)   # 45 tokens: far past block_size = 16
+    b = m.generate(prompt, 40, temperature=0, use_cache=False)
+    assert a.shape == (2, 45) and torch.equal(a, b)
+
+
+def test_sampling_top_k_only_draws_from_top_k():
+    m = tiny()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    logits, _ = m(prompt)
+    top = set(torch.topk(logits[0, -1], 2).indices.tolist())
+    draws = {m.generate(prompt, 1, temperature=1.0, top_k=2, generator=g)[0, -1].item() for _ in range(30)}
+    assert draws <= top
+
+
+def test_btlm_preset_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        m = GPT(PRESETS["btlm-3b-8k"])
+    assert m.num_params(non_embedding=False) == 2_646_255_744
+    assert m.num_params() == 2_646_255_744 - 50257 * 2560
+
+
+def test_flops_per_token_formula():
+    m = tiny()
+    N, V, d, L, T = m.num_params(), 97, 48, 2, 32
+    assert m.flops_per_token(T) == 6 * (N + V * d) + 6 * L * T * d
+    assert m.estimate_mfu(1000.0, T, 1e12) == pytest.approx(m.flops_per_token(T) * 1000.0 / 1e12)
+
+
+def test_bad_model_configs_are_one_sentence_errors():
+    with pytest.raises(ModelError, match="not divisible by n_head"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ModelError, match="n_head must be positive"):
+        GPTConfig(n_head=0)
+    with pytest.raises(ModelError, match="unknown parameterisation 'ntk'"):
+        GPTConfig(param="ntk")
+    with pytest.raises(ModelError, match="unknown model preset 'gpt5'.*btlm-3b-8k"):
+        get_preset("gpt5")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mup.py: SPEC §2's table, the BTLM numbers, the coordinate check
+
+def test_btlm_mup_values():
+    with torch.device("meta"):
+        m = GPT(PRESETS["btlm-3b-8k"])
+    pz = m.pz
+    groups = {g["name"]: g for g in mup.param_groups(m, lr=1.2e-2, weight_decay=0.1)}
+    assert groups["hidden"]["lr"] == pytest.approx(1.2e-3) and groups["residual_out"]["lr"] == pytest.approx(1.2e-3)
+    assert groups["embedding"]["lr"] == pytest.approx(1.2e-2) and groups["vector"]["lr"] == pytest.approx(1.2e-2)
+    assert groups["vector"]["weight_decay"] == 0.0 and groups["hidden"]["weight_decay"] == 0.1
+    assert pz.init_std("hidden") == pytest.approx(0.0231, abs=5e-5)        # 0.073/√10
+    assert pz.init_std("residual_out") == pytest.approx(0.00289, abs=5e-6)  # 0.073/√(10·64)
+    assert pz.init_std("embedding") == 0.073
+    assert pz.embedding_mult == 14.6 and pz.logit_mult == pytest.approx(0.222)
+    assert m.transformer.h[0].attn.scale == pytest.approx(1 / 80)
+    # every parameter sits in exactly one group
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(m.parameters()))
+
+
+def test_sp_and_completep_rows_of_the_table():
+    sp = tiny(param="sp", n_embd=96, n_head=3)
+    assert sp.pz.embedding_mult == 1.0 and sp.pz.logit_mult == 1.0
+    assert sp.transformer.h[0].attn.scale == pytest.approx(32 ** -0.5)
+    assert {g["name"]: g["lr"] for g in mup.param_groups(sp, 1e-2, 0.1)}["hidden"] == 1e-2
+    cp = tiny(param="completep", n_embd=512, n_head=4, n_layer=8, d_base=128, L_base=2)  # m_N = 4, m_L = 4
+    g = {x["name"]: x for x in mup.param_groups(cp, 1e-2, 0.1, eps=1e-8)}
+    assert g["hidden"]["lr"] == pytest.approx(2.5e-3) and g["hidden"]["weight_decay"] == pytest.approx(0.4)
+    assert g["hidden"]["eps"] == pytest.approx(1e-8 / 16) and g["embedding"]["eps"] == 1e-8
+    assert cp.transformer.h[0].residual_mult == 0.25
+    assert cp.pz.init_std("residual_out") == pytest.approx(cp.config.sigma / 2)  # σ/√m_N, no depth factor
+
+
+def test_initialisation_follows_the_parameterisation():
+    m = tiny(n_embd=512, n_head=4, n_layer=4, d_base=128, vocab_size=300)  # µP, m_N = 4
+    h = m.transformer.h[0]
+    # sample std of ≥ 1e5 normal draws is within 1% of the truth with overwhelming probability
+    assert h.attn.c_attn.weight.std().item() == pytest.approx(0.073 / 2, rel=0.01)
+    assert h.mlp.c_proj.weight.std().item() == pytest.approx(0.073 / math.sqrt(4 * 8), rel=0.01)
+    assert m.transformer.wte.weight.std().item() == pytest.approx(0.073, rel=0.01)
+    assert h.ln_1.weight.eq(1).all() and h.attn.c_attn.bias.eq(0).all()
+
+
+def test_coordinate_check_width_mup_flat_sp_grows():
+    r_mup = mup.coord_check("mup", widths=(64, 128, 256), steps=4)
+    r_sp = mup.coord_check("sp", widths=(64, 128, 256), steps=4)
+    for kind in ("attn", "mlp", "residual_delta"):
+        # measured: µP ≤ 0.18, SP ≥ 1.1 (lr 1e-3, 4 steps); 0.25 vs 0.8 separates them with margin
+        assert r_mup["slopes"][kind] < 0.25, (kind, r_mup["slopes"])
+        assert r_sp["slopes"][kind] > 0.8, (kind, r_sp["slopes"])
+
+
+def test_coordinate_check_depth_completep_flat_mup_grows():
+    cp = mup.coord_check("completep", depths=(2, 4, 8), steps=4)
+    mp = mup.coord_check("mup", depths=(2, 4, 8), steps=4)
+    # measured: how far the last block's output moved after 4 steps grows like L^1.0 under µP, ~L^-0.1 under CompleteP
+    assert abs(cp["final_slopes"]["residual_delta"]) < 0.3
+    assert mp["final_slopes"]["residual_delta"] > 0.6
+
+
+def test_mup_cli_json_and_bad_flags(tmp_path):
+    rc, out, err = run_cli("mup.py", "coord", "--param=mup", "--widths=64,128", "--steps=2", "--json",
+                           f"--plot={tmp_path / 'c.png'}")
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["param"] == "mup" and r["widths"] == [64, 128] and set(r["slopes"]) >= {"embedding", "attn", "mlp", "logits"}
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    rc, out, err = run_cli("mup.py", "coord", "--width=64")
+    assert rc == 2 and "unknown flag --width" in err and "--widths" in err and "Traceback" not in err
+    rc, out, err = run_cli("mup.py", "coord", "--param=ntk")
+    assert rc == 2 and "unknown parameterisation 'ntk'" in err
+    rc, out, err = run_cli("mup.py", "coord", "--widths=0,64")
+    assert rc == 2 and "positive" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: runs, VSL, CPT with replay, τ, exact resume, DDP, bad input
+
+import data as data_mod  # noqa: E402
+import train as train_mod  # noqa: E402
+
+SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--batch_tokens=512", "--seq_len_schedule=32",
+         "--eval_interval=5", "--eval_batches=2", "--log_interval=1", "--sample_tokens=0", "--lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """Two small real-text domains: English prose (Python's reference topics) and code (this project)."""
+    import pydoc_data.topics
+    root = tmp_path_factory.mktemp("data")
+    (root / "src").mkdir()
+    docs = {"prose": list(pydoc_data.topics.topics.values())[:150],
+            "code": [open(os.path.join(ROOT, f)).read() for f in ("model.py", "mup.py", "data.py", "train.py")] * 3}
+    for name, texts in docs.items():
+        with open(root / "src" / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+        data_mod.prepare(str(root / "src" / f"{name}.jsonl"), str(root / name), tokenizer="bytes")
+    return str(root)
+
+
+def train(corpora, out, *extra):
+    train_mod.main(SMALL + [f"--data_dir={corpora}", f"--out_dir={out}"] + list(extra))
+    return [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_lr_schedules():
+    c = train_mod.Config(warmup=0.1)
+    f = {s: [train_mod.lr_factor(k, 100, dataclasses_replace(c, schedule=s)) for k in (0, 9, 10, 55, 99)]
+         for s in ("linear", "d2z", "cosine", "constant", "wsd")}
+    assert f["d2z"] == pytest.approx([0.1, 1.0, 1.0, 0.5, 1 / 90], abs=1e-12)
+    assert f["linear"][-1] == pytest.approx(1 - (1 - 0.0085) * 89 / 90) and f["constant"] == [0.1, 1, 1, 1, 1]
+    assert f["cosine"][2] == pytest.approx(1.0) and f["cosine"][3] == pytest.approx(0.55)
+    assert f["wsd"][3] == 1.0 and f["wsd"][4] == pytest.approx(0.05)
+
+
+def dataclasses_replace(c, **kw):
+    import dataclasses
+    return dataclasses.replace(c, **kw)
+
+
+def test_pretraining_run_directory_and_falling_loss(corpora, tmp_path):
+    log = train(corpora, tmp_path / "a", "--max_iters=20", "--tau=0.5")
+    cfg = json.load(open(tmp_path / "a" / "config.json"))
+    for k in ("N", "D", "TPP", "B", "T", "lr", "weight_decay", "tau", "param", "seed", "code", "cpt"):
+        assert k in cfg
+    assert cfg["D"] == 20 * 512 and cfg["T"] == 20 and cfg["TPP"] == pytest.approx(cfg["D"] / cfg["N"])
+    # --tau sets λ = B/(η·τ·D)
+    assert cfg["tau"] == pytest.approx(0.5) and cfg["weight_decay"] == pytest.approx(512 / (3e-3 * 0.5 * 20 * 512))
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert {"tokens", "lr", "seq_len", "grad_norm", "tok_per_s", "mfu"} <= set(steps[0])
+    evals = [r for r in log if "val" in r]
+    assert [r["step"] for r in evals] == [0, 5, 10, 15, 20]
+    # byte-level loss starts near ln 257 ≈ 5.5 or above and must fall clearly in 20 steps
+    assert evals[-1]["val"]["prose"] < evals[0]["val"]["prose"] - 1.0
+    assert len(train_mod.checkpoints(str(tmp_path / "a"))) == 2  # keep_last
+
+
+def test_resume_is_bit_identical(corpora, tmp_path):
+    full = train(corpora, tmp_path / "full", "--max_iters=12")
+    train(corpora, tmp_path / "part", "--max_iters=12", "--stop_at=7")
+    resumed = train(corpora, tmp_path / "part", "--init_from=resume")
+    assert [r.get("loss") for r in full] == [r.get("loss") for r in resumed]   # exact, fp32 on CPU
+    assert [r.get("val") for r in full] == [r.get("val") for r in resumed]
+
+
+def test_vsl_switches_sequence_length_at_the_token_fraction(corpora, tmp_path):
+    log = train(corpora, tmp_path / "v", "--max_iters=8", "--seq_len_schedule=32:0.5,128:0.5")
+    assert [r["seq_len"] for r in log if "loss" in r] == [32] * 4 + [128] * 4
+
+
+def test_cpt_with_replay_records_forgetting_curve(corpora, tmp_path):
+    train(corpora, tmp_path / "base", "--max_iters=10")
+    log = train(corpora, tmp_path / "cpt", f"--init_from={tmp_path / 'base'}", "--data=code:0.75,prose:0.25",
+                "--max_iters=10", "--schedule=d2z")
+    cfg = json.load(open(tmp_path / "cpt" / "config.json"))
+    assert cfg["cpt"]["replay"] == 0.25 and cfg["cpt"]["base_domain"] == "prose" and cfg["cpt"]["target_domain"] == "code"
+    assert cfg["cpt"]["base_ptpp"] == pytest.approx(10 * 512 / cfg["N"])
+    first, last = log[0], [r for r in log if "val" in r][-1]
+    assert first["step"] == 0 and set(first["val"]) == {"code", "prose"}
+    assert last["val"]["code"] < first["val"]["code"]  # adapted to the target domain
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_ddp_two_processes_match_one(corpora, tmp_path):
+    args = SMALL + [f"--data_dir={corpora}", "--max_iters=4"]
+    rc, out, err = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                           *args, f"--out_dir={tmp_path / 'ddp'}")
+    assert rc == 0, err[-2000:]
+    one = train(corpora, tmp_path / "one", "--max_iters=4")
+    two = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
+    a = [r["loss"] for r in one if "loss" in r]
+    b = [r["loss"] for r in two if "loss" in r]
+    # same global batch, gradients averaged over 2 ranks: equal up to fp32 summation order
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+
+
+def test_train_bad_input_is_one_sentence(corpora, tmp_path):
+    cases = [(["--lr_peak=1"], "unknown setting 'lr_peak'"), (["--lr=fast"], "is not a valid float"),
+             (["--init_from=nowhere"], "neither scratch, resume"), (["--model=gpt5"], "unknown model preset"),
+             (["--data=nope"], "nope"), (["--micro_batch_tokens=100"], "does not split"),
+             (["--init_from=resume"], "holds no checkpoint")]
+    for extra, msg in cases:
+        rc, out, err = run_cli("train.py", *SMALL, f"--data_dir={corpora}", f"--out_dir={tmp_path / 'x'}",
+                               "--max_iters=2", *extra)
+        assert rc == 2 and msg in err and "Traceback" not in err, (extra, err[-500:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.py: tokenisation, shards, mixtures, VSL batches, bad input
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import tiktoken
+
+import data
+from data import Batches, DataError, Dataset, parse_mixture, parse_seq_len_schedule, prepare, val_batches
+
+
+
+def _write_docs(folder, docs, name="d"):
+    """One .txt file per document; returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    for i, text in enumerate(docs):
+        with open(os.path.join(folder, f"{name}{i:03d}.txt"), "w") as f:
+            f.write(text)
+    return str(folder)
+
+
+def _letters_corpus(folder, letters, n_docs=12, doc_len=1500, seed=0):
+    """Documents made only of the given letters, so a window's bytes tell which domain it came from."""
+    rng = np.random.default_rng(seed)
+    docs = ["".join(rng.choice(list(letters), doc_len)) for _ in range(n_docs)]
+    return _write_docs(folder, docs)
+
+
+def _small_dataset(tmp_path, name, letters, **kw):
+    src = _letters_corpus(tmp_path / f"src_{name}", letters, **kw)
+    return Dataset(prepare(src, str(tmp_path / name), val_fraction=0.2, min_val_tokens=0))
+
+
+def test_encodings_match_gpt2_and_bytes():
+    gpt2 = data.get_encoding("gpt2")
+    # ids of the real GPT-2 vocabulary (tiktoken's docstring: "hello world" -> [31373, 995]; " the" is 262)
+    assert gpt2.encode_ordinary("hello world") == [31373, 995]
+    assert gpt2.encode_ordinary(" the") == [262]
+    assert (gpt2.n_vocab, gpt2.eot_token) == (50257, 50256)
+    text = "Variable sequence length: 2,048 then 8,192 tokens. Ünïcödé ✓"
+    assert gpt2.decode(gpt2.encode_ordinary(text)) == text
+    b = data.get_encoding("bytes")
+    assert isinstance(b, tiktoken.Encoding)
+    assert (b.n_vocab, b.eot_token) == (257, 256)
+    assert b.encode_ordinary("hé") == [104, 195, 169]  # the UTF-8 bytes
+    assert b.encode_ordinary(text) == list(text.encode())
+    with pytest.raises(DataError, match="unknown tokenizer 'nope'"):
+        data.get_encoding("nope")
+
+
+def test_prepare_local_files_exact_counts(tmp_path, capsys):
+    src = tmp_path / "src"
+    os.makedirs(src / "sub")
+    docs = {"a.txt": "first document", "b.md": "# second\n\nmarkdown", "sub/c.py": "x = 1\n"}
+    for name, text in docs.items():
+        (src / name).write_text(text)
+    with gzip.open(src / "e.txt.gz", "wt") as f:
+        f.write("gzipped text")
+    lines = [{"text": "json one"}, {"text": "json two é"}]
+    with gzip.open(src / "d.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in lines) + "\n")
+    (src / "bad.txt").write_bytes(b"ok \xff\xfe end")  # two undecodable bytes
+    (src / "skip.csv").write_text("ignored,file")
+    out = prepare(str(src), str(tmp_path / "ds"), val_fraction=0.2, min_val_tokens=0)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    texts = list(docs.values()) + ["gzipped text", "json one", "json two é", "ok \ufffd\ufffd end"]
+    # bytes tokenizer: one token per UTF-8 byte plus one <|endoftext|> per document, exactly
+    assert sum(meta["tokens"].values()) == sum(len(t.encode()) + 1 for t in texts)
+    assert sum(meta["documents"].values()) == len(texts) == 7
+    assert meta["replaced"] == 2
+    assert "replaced 2 undecodable byte sequences with U+FFFD, the first in" in capsys.readouterr().err
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 257
+    ds = Dataset(out, verify=True)
+    for shard in meta["shards"]:
+        raw = open(os.path.join(out, shard["file"]), "rb").read()
+        assert hashlib.sha256(raw).hexdigest() == shard["sha256"]
+    # every document comes back whole, ended by <|endoftext|>
+    tokens = np.concatenate([np.fromfile(p, "<u2") for split in ("train", "val") for p, _ in ds.shards[split]])
+    assert sorted(data.get_encoding("bytes").decode(tokens.tolist()).split(data.EOT)) == sorted(texts + [""])
+
+
+def test_val_split_fraction_and_minimum(tmp_path):
+    src = _letters_corpus(tmp_path / "src", "abc", n_docs=200, doc_len=100)
+    meta = Dataset(prepare(src, str(tmp_path / "a"), val_fraction=0.1, min_val_tokens=0)).meta
+    total = sum(meta["tokens"].values())
+    # val is kept at 10% of the tokens seen, so it ends within one document (101 tokens) of 10%
+    assert abs(meta["tokens"]["val"] - 0.1 * total) <= 101
+    meta = Dataset(prepare(src, str(tmp_path / "b"), val_fraction=0.1, min_val_tokens=5000)).meta
+    assert 5000 <= meta["tokens"]["val"] <= 5000 + 101  # filled to the minimum, then 10% of 20,200 < 5,000
+
+
+def test_workers_and_shards_identical(tmp_path):
+    src = _letters_corpus(tmp_path / "src", "xyz", n_docs=40, doc_len=700)
+    one = prepare(src, str(tmp_path / "w1"), val_fraction=0.1, shard_tokens=5000, min_val_tokens=0)
+    two = prepare(src, str(tmp_path / "w2"), val_fraction=0.1, shard_tokens=5000, min_val_tokens=0, workers=2)
+    m1, m2 = (json.load(open(os.path.join(p, "meta.json"))) for p in (one, two))
+    assert m1["shards"] == m2["shards"] and len(m1["shards"]) >= 5  # 28,040 tokens in shards of 5,000
+    ds = Dataset(one)
+    assert all(n <= 5000 for s in ds.shards.values() for _, n in s)
+    rows = ds.sample("train", 4999, np.linspace(0, 0.999, 50))  # fits only inside full shards
+    assert rows.shape == (50, 5000) and set(np.unique(rows)) <= {ord("x"), ord("y"), ord("z"), 256}
+    with pytest.raises(DataError, match=r"train_000.bin holds 5,000 tokens, fewer than the 5,001 a window of T=5000"):
+        ds.sample("train", 5000, [0.5])
+
+
+def test_gpt2_and_uint32_shards(tmp_path, monkeypatch):
+    src = _write_docs(tmp_path / "src", ["hello world", " the end", "more text here"])
+    meta = Dataset(prepare(src, str(tmp_path / "g"), tokenizer="gpt2", val_fraction=0.3)).meta
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50257 and sum(meta["tokens"].values()) == 2 + 2 + 3 + 3
+    big = tiktoken.Encoding("big", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={data.EOT: 70000})  # a vocabulary past uint16
+    monkeypatch.setattr(data, "get_encoding", lambda name: big)
+    ds = Dataset(prepare(src, str(tmp_path / "big"), tokenizer="big", val_fraction=0.3), verify=True)
+    assert ds.meta["dtype"] == "uint32" and ds.vocab_size == 70001
+    assert np.fromfile(ds.shards["train"][0][0], "<u4")[-1] == 70000
+
+
+SLIMPAJAMA = [{"text": f"SlimPajama-style document number {i}. " * 3,
+               "meta": {"redpajama_set_name": ["RedPajamaC4", "RedPajamaGithub"][i % 2]}} for i in range(30)]
+
+
+def test_hf_stream_matches_local_jsonl(tmp_path, monkeypatch):
+    path = tmp_path / "slimpajama.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in SLIMPAJAMA))
+
+    def load_dataset(name, split, streaming):  # stands in for datasets.load_dataset, streaming the local file
+        assert (name, split, streaming) == ("cerebras/SlimPajama-627B", "train", True)
+        return (json.loads(line) for line in open(path))
+    texts = list(data.iter_hf("cerebras/SlimPajama-627B", load_dataset=load_dataset))
+    assert texts == [r["text"] for r in SLIMPAJAMA]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    hf = prepare("hf:cerebras/SlimPajama-627B", str(tmp_path / "hf"), val_fraction=0.1)
+    local = prepare(str(path), str(tmp_path / "local"), val_fraction=0.1)
+    shards = [json.load(open(os.path.join(p, "meta.json")))["shards"] for p in (hf, local)]
+    assert shards[0] == shards[1]
+    capped = Dataset(prepare("hf:cerebras/SlimPajama-627B", str(tmp_path / "cap"), max_tokens=1000))
+    assert sum(capped.meta["tokens"].values()) == 1000  # the cap is exact: the last document is cut
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match="pip install datasets"):
+        prepare("hf:cerebras/SlimPajama-627B", str(tmp_path / "none"))
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_batches_exact_mixture_deterministic_and_distributed(tmp_path):
+    a = _small_dataset(tmp_path, "a", "abcdefghijklm")
+    b = _small_dataset(tmp_path, "b", "nopqrstuvwxyz")
+    mix = Batches({"target": a, "base": b}, parse_mixture("target:0.75,base:0.25"), batch_tokens=8 * 64,
+                  seq_len_schedule=[(64, 1.0)], total_tokens=8 * 64 * 100, seed=3)
+    x, y, T = mix.get(5)
+    assert T == 64 and x.shape == y.shape == (8, 64) and str(x.dtype) == "torch.int64"
+    assert (x[:, 1:] == y[:, :-1]).all()
+    from_a = (x < ord("n")) | (x == 256)  # eot is shared; letters tell the domain
+    assert from_a.all(dim=1).sum() == 6 and (~from_a | (x == 256)).all(dim=1).sum() == 2  # 75% / 25% of 8
+    again = Batches({"target": a, "base": b}, {"target": 0.75, "base": 0.25}, 512, [(64, 1.0)], 51200, seed=3)
+    assert (again.get(5)[0] == x).all()  # a resumed run (fresh object) sees the same batch
+    assert not (mix.get(6)[0] == x).all()
+    r0, r1 = mix.get(5, rank=0, world_size=2)[0], mix.get(5, rank=1, world_size=2)[0]
+    assert (r0 == x[0::2]).all() and (r1 == x[1::2]).all()  # ranks split the same global batch
+    with pytest.raises(DataError, match="do not split over rank 0 of world_size 3"):
+        mix.get(0, world_size=3)
+    # 25% replay with 2 sequences a step: the rounding alternates, so every two steps hold exactly 3 + 1
+    small = Batches({"target": a, "base": b}, {"target": 0.75, "base": 0.25}, 128, [(64, 1.0)], 12800, seed=0)
+    counts = [small.domain_counts(k)["base"] for k in range(10)]
+    assert counts == [1, 0] * 5 or counts == [0, 1] * 5
+
+
+def test_exact_proportions_random_mixtures(tmp_path):
+    ds = _small_dataset(tmp_path, "a", "ab", n_docs=4, doc_len=600)
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        K, B = int(rng.integers(2, 6)), int(rng.integers(1, 50))
+        w = rng.dirichlet(np.ones(K))
+        names = [f"d{i}" for i in range(K)]
+        mix = Batches(dict.fromkeys(names, ds), dict(zip(names, w)), B * 8, [(8, 1.0)], 10**9, seed=0)
+        cum = np.zeros(K)
+        for k in range(150):
+            c = np.array(list(mix.domain_counts(k).values()))
+            cum += c
+            assert c.sum() == B and np.abs(c - w * B).max() < 1  # every step: floor or ceil of w*B
+            assert np.abs(cum - w * B * (k + 1)).max() < 1  # running totals never drift a whole sequence
+
+
+def test_vsl_schedule_constant_tokens_2k_and_8k(tmp_path):
+    ds = _small_dataset(tmp_path, "a", "abc", n_docs=8, doc_len=12000)
+    schedule = parse_seq_len_schedule("2048:0.75,8192:0.25")
+    assert schedule == [(2048, 0.75), (8192, 0.25)]
+    mix = Batches({"a": ds}, {"a": 1.0}, batch_tokens=8192 * 2, seq_len_schedule=schedule, total_tokens=8192 * 2 * 40,
+                  seed=0)
+    shapes = [tuple(mix.get(k)[0].shape) for k in range(40)]
+    assert shapes == [(8, 2048)] * 30 + [(2, 8192)] * 10  # 4x fewer sequences at 8,192; same tokens a step
+    assert parse_seq_len_schedule("256") == [(256, 1.0)]
+    with pytest.raises(DataError, match="batch_tokens=3000 is not divisible by the sequence length 2048"):
+        Batches({"a": ds}, {"a": 1.0}, 3000, [(2048, 0.5), (8192, 0.5)], 10**6, 0)
+    with pytest.raises(DataError, match="seq_len schedule '2048:0.5,8192:0.4' sums to 0.9"):
+        parse_seq_len_schedule("2048:0.5,8192:0.4")
+    v1, v2 = val_batches(ds, 256, 3, 4), val_batches(ds, 256, 3, 4)
+    assert len(v1) == 3 and v1[0][0].shape == (4, 256)
+    assert all((p[0] == q[0]).all() and (p[1] == q[1]).all() for p, q in zip(v1, v2))  # fixed batches
+    assert not (val_batches(ds, 256, 1, 4, seed=1)[0][0] == v1[0][0]).all()
+
+
+def test_mixture_parsing_errors(tmp_path):
+    assert parse_mixture("prose") == {"prose": 1.0}
+    assert parse_mixture("target:0.75,base:0.25") == {"target": 0.75, "base": 0.25}
+    for bad, msg in [("a:0.7,b:0.2", "sums to 0.9, not 1"), ("a:0.5,a:0.5", "names an item twice"),
+                     ("a:1.5,b:-0.5", "weights above 0"), ("a:x", "'x' is not a number")]:
+        with pytest.raises(DataError, match=msg):
+            parse_mixture(bad)
+    ds = _small_dataset(tmp_path, "a", "ab", n_docs=4, doc_len=600)
+    with pytest.raises(DataError, match="mixture names unknown domain 'code' \\(known: prose\\)"):
+        Batches({"prose": ds}, parse_mixture("prose:0.5,code:0.5"), 64, [(8, 1.0)], 10**6, 0)
+    gpt2 = Dataset(prepare(_letters_corpus(tmp_path / "g", "ab", n_docs=4, doc_len=600), str(tmp_path / "gpt2"),
+                           tokenizer="gpt2", val_fraction=0.3))
+    with pytest.raises(DataError, match=r"domains use different tokenizers: prose \(bytes\), code \(gpt2\)"):
+        Batches({"prose": ds, "code": gpt2}, {"prose": 0.5, "code": 0.5}, 64, [(8, 1.0)], 10**6, 0)
+
+
+def _no_leftovers(folder):
+    return not [n for n in os.listdir(folder) if ".tmp-" in n or n == "out"]
+
+
+def test_bad_sources_leave_nothing_behind(tmp_path):
+    out = str(tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.txt").write_text("")
+    (tmp_path / "one.txt").write_text("a single document")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json}\n')
+    (tmp_path / "nofield.jsonl").write_text('{"content": "x"}\n')
+    (tmp_path / "bad.txt.gz").write_bytes(b"not gzip at all")
+    cases = [(str(tmp_path / "missing"), "does not exist"), (str(tmp_path / "empty"), "holds no .txt"),
+             (str(tmp_path / "blank.txt"), "contains no text"), (str(tmp_path / "one.txt"), "gave a single document"),
+             (str(tmp_path / "bad.jsonl"), "bad.jsonl line 2 is not valid JSON"),
+             (str(tmp_path / "nofield.jsonl"), "record 1 has no string field 'text'"),
+             (str(tmp_path / "bad.txt.gz"), "bad.txt.gz could not be read")]
+    for source, msg in cases:
+        with pytest.raises(DataError, match=msg):
+            prepare(source, out)
+        assert _no_leftovers(tmp_path), source
+    with pytest.raises(DataError, match=r"val_fraction=0.7 must lie in \(0, 0.5\)"):
+        prepare(str(tmp_path / "one.txt"), out, val_fraction=0.7)
+    src = _letters_corpus(tmp_path / "src", "ab", n_docs=3, doc_len=50)
+    prepare(src, out)
+    with pytest.raises(DataError, match="out already exists; pass --overwrite"):
+        prepare(src, out)
+    prepare(_letters_corpus(tmp_path / "src2", "cd", n_docs=3, doc_len=50), out, overwrite=True)
+    assert Dataset(out).meta["source"].endswith("src2") and sorted(os.listdir(tmp_path)).count("out") == 1
+
+
+def test_corrupt_datasets(tmp_path):
+    path = prepare(_letters_corpus(tmp_path / "src", "ab", n_docs=4, doc_len=600), str(tmp_path / "ds"),
+                   val_fraction=0.3, min_val_tokens=0)
+    shard = os.path.join(path, "train_000.bin")
+    raw = open(shard, "rb").read()
+    with open(shard, "r+b") as f:  # same size, one token changed to an id the bytes vocabulary lacks
+        f.write(np.array([300], "<u2").tobytes())
+    Dataset(path)  # the cheap checks pass; reading or verifying finds it
+    with pytest.raises(DataError, match="train_000.bin does not match its sha256"):
+        Dataset(path, verify=True)
+    with pytest.raises(DataError, match="train_000.bin holds token id 300, not below the vocabulary size 257"):
+        Dataset(path).sample("train", 8, [0.0])
+    meta_path = os.path.join(path, "meta.json")
+    meta = json.load(open(meta_path))
+    meta["shards"][0]["sha256"] = hashlib.sha256(open(shard, "rb").read()).hexdigest()
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(DataError, match="holds token id 300"):
+        Dataset(path, verify=True)
+    open(shard, "wb").write(raw[:-2])
+    with pytest.raises(DataError, match=r"train_000.bin holds 3,604 bytes but .*says 1,803 tokens \(3,606 bytes\)"):
+        Dataset(path)
+    open(meta_path, "w").write("{broken")
+    with pytest.raises(DataError, match="meta.json is not valid JSON"):
+        Dataset(path)
+    os.remove(meta_path)
+    with pytest.raises(DataError, match="meta.json is missing"):
+        Dataset(path)
+
+
+def test_cli(tmp_path, capsys):
+    src = _letters_corpus(tmp_path / "src", "ab", n_docs=4, doc_len=300)
+    out = str(tmp_path / "ds")
+    data.main([f"--source={src}", f"--out={out}", "--val_fraction=0.25", "--workers=1"])
+    data.main([f"--source={src}", f"--out={out}", "--overwrite", "--max_tokens=500"])
+    assert sum(Dataset(out).meta["tokens"].values()) == 500
+    data.main([f"--verify={out}"])
+    assert "sha256 verified" in capsys.readouterr().out
+    with pytest.raises(DataError, match="unknown argument '--sorce=x'; valid keys: --source, --out"):
+        data.main(["--sorce=x"])
+    with pytest.raises(DataError, match="--workers=two is not a valid int"):
+        data.main(["--workers=two"])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), f"--source={tmp_path / 'nowhere'}",
+                        f"--out={tmp_path / 'x'}"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: source ")
+
+
+def test_builtin_corpora_are_distinct_domains(monkeypatch, tmp_path):
+    files = data.stdlib_files()
+    rel = [os.path.relpath(f, data.STDLIB).split(os.sep) for f in files]
+    assert not any(set(parts) & data.SKIP_DIRS for parts in rel)
+    assert len(files) > 500 and sum(map(os.path.getsize, files)) > 10e6  # ENVIRONMENT.md: ~12 MB without tests
+    names = ["textwrap.py", "argparse.py", "json/__init__.py", "shlex.py"]
+    code = "".join(open(os.path.join(data.STDLIB, n)).read() for n in names)
+    prose = "\n\n".join(p for n in names for p in data.module_prose(os.path.join(data.STDLIB, n)))
+    from pydoc_data.topics import topics
+    prose += "\n\n".join(data.prose_paragraphs(topics["if"] + topics["typesseq"]))
+    assert ">>>" not in prose and len(prose) > 20000
+    symbols = lambda s: sum(s.count(c) for c in "=()_[]:") / len(s)
+    # code is dense in symbols, the prose is not (measured here: 6.1% vs 1.6% of characters)
+    assert symbols(code) > 3 * symbols(prose)
+    made = []
+    monkeypatch.setattr(data, "prepare", lambda name, out: made.append(name))
+    os.makedirs(tmp_path / "stdlib")
+    open(tmp_path / "stdlib" / "meta.json", "w").write("{}")
+    data.ensure_builtin(str(tmp_path))
+    assert made == ["prose"]  # only the missing corpus is prepared
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# collapse.py: τ recipes, normalisation, Δ and σ, forecasts, the live monitor
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import collapse
+from collapse import (CollapseError, CollapseMonitor, analyze, batch_opt, fit_param, forecast, load_curves, normalise,
+                      nq_shape, nq_variance, param_reference, recipe, smooth, synthetic, tau, tau_opt,
+                      weight_decay_for_tau, write_csv)
+
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "collapse.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def _write_run(path, c, D=1_000_000, **cfg):
+    """A run directory as train.py writes it: config.json + log.jsonl with training and eval lines."""
+    os.makedirs(path)
+    config = {"N": c.size, "D": D, "TPP": c.tpp, "tau": c.tau, "schedule": c.schedule, "warmup": c.warmup,
+              "seed": c.seed, "B": 1000, "lr": 0.01, **cfg}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(path, "log.jsonl"), "w") as f:
+        for i, (x, l) in enumerate(zip(c.x, c.loss)):
+            f.write(json.dumps({"step": i + 1, "tokens": int(round(x * D)), "lr": 0.01 * c.eta[i], "loss": l}) + "\n")
+            if i % 50 == 0:
+                f.write(json.dumps({"step": i + 1, "tokens": int(round(x * D)), "val": {"prose": l}}) + "\n")
+
+
+def test_recipe_matches_power_lines():
+    # τ and its inverse are exact reciprocals of one formula (SPEC §3): round trip to float precision
+    assert tau(1e-2, 0.1, 4e6, 8e9) == pytest.approx(4e6 / (1e-2 * 0.1 * 8e9), rel=1e-15)
+    assert weight_decay_for_tau(tau(3e-3, 0.2, 512, 1e7), 3e-3, 512, 1e7) == pytest.approx(0.2, rel=1e-12)
+    # Power Lines numbers: 1.084·20^−0.527 = 0.22356 and B_opt(D = 1e9) = 0.0306·1e9^0.383 = 85.65 sequences
+    assert tau_opt(20) == pytest.approx(0.22356, abs=1e-5)
+    assert batch_opt(1e9) == pytest.approx(0.0306 * 1e9 ** 0.383, rel=1e-12)
+    assert batch_opt(1e9) == pytest.approx(85.65, abs=0.01)
+    assert batch_opt(1e9, in_tokens=True) == pytest.approx(2048 * batch_opt(1e9), rel=1e-12)
+    r = recipe(1e6, 20, lr=0.012)
+    assert r["D"] == r["T"] * r["B"] and r["B"] == r["B_seqs"] * 2048
+    assert abs(r["D"] - 2e7) <= r["B"] / 2  # D rounded to whole steps
+    assert r["B_seqs"] == round(batch_opt(2e7))  # 19.1 → 19 sequences
+    assert r["tau"] == pytest.approx(tau_opt(20), rel=1e-12)
+    assert r["weight_decay"] == pytest.approx(1 / (0.012 * tau_opt(20) * r["T"]), rel=1e-12)  # λ = 1/(ητT)
+    out = _cli("recipe", "--params=1e6", "--tpp=20", "--lr=0.012", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout) == pytest.approx(r)
+
+
+def test_noisy_quadratic_matches_spec_closed_form():
+    # constant LR, no warmup: SPEC §6's closed form. The trapezoid rule on e^A (rate 2/τ = 20 per unit x,
+    # dx = 5e-5) is off by ≈ (20·dx)²/12 ≈ 1e-7 relative: measured 2.0e-7, tolerance 5e-7
+    x = np.linspace(0.01, 1, 50)
+    for t, kappa in ((0.1, 3.0), (0.5, 0.2)):
+        v = nq_variance(x, t, "constant", warmup=0.0, kappa=kappa)
+        e = np.exp(-2 * x / t)
+        spec = ((1 - e) + kappa * e) / ((1 - math.exp(-2 / t)) + kappa * math.exp(-2 / t))
+        assert np.max(np.abs(v / nq_variance(1.0, t, "constant", 0.0, kappa) - spec)) < 5e-7
+
+
+def test_smooth_is_moving_average_inside_and_unbiased_at_the_ends():
+    x = np.linspace(0.01, 1, 101)
+    y = np.random.default_rng(0).standard_normal(101)
+    s = smooth(x, y, 5)
+    assert np.allclose(s[2:-2], np.convolve(y, np.ones(5) / 5, "valid"), atol=1e-12)
+    line = 3.0 - 2.0 * x  # a line is reproduced exactly everywhere, including at x = 1
+    assert np.max(np.abs(smooth(x, line, 9) - line)) < 1e-12
+
+
+def test_same_tau_collapses_to_numerical_precision_and_different_tau_does_not():
+    sizes = [1e6, 4e6, 16e6, 64e6]
+    same = analyze(synthetic(sizes, 0.2, points=300))
+    assert max(same["delta"]) < 1e-10 and max(same["arrays"][3]) < 1e-10
+    # with an offset L0 = 0.8 only Qiu's normalisation collapses exactly; Bergsma's L/L(1) leaves Δ ~ 1e-2
+    fam = synthetic(sizes, 0.2, L0=0.8, points=300)
+    assert max(analyze(fam, offset="0.8")["delta"]) < 1e-10
+    assert analyze(fam)["delta"][0] > 5e-3
+    fitted = analyze(fam, offset="fit")  # L0 from L(1) = L0 + a·N^−0.3, recovered from 4 sizes
+    assert fitted["L0"] == pytest.approx(0.8, abs=1e-6) and max(fitted["delta"]) < 1e-6
+    # two τ: Δ is exactly the spread of the two analytic shapes, far above zero
+    mixed = analyze(synthetic(sizes[:2], 0.1, points=300) + synthetic(sizes[:2], 0.4, points=300))
+    ells = np.stack([nq_shape(np.array(collapse.X_REPORT), t) for t in (0.1, 0.1, 0.4, 0.4)])
+    expected = ells.std(0, ddof=1) / ells.mean(0)  # 0.061, 0.038, 0.016, 0.0064 at x = 0.25 … 0.9
+    assert np.allclose(mixed["delta"], expected, rtol=1e-4)  # the grid interpolation error of the 300-point curves
+    assert mixed["delta"][1] > 0.03
+
+
+def test_seed_noise_floor_and_supercollapse():
+    # seeds that differ by a constant factor (1 + ε): σ(x) = std(ε)/mean(1+ε) exactly, Δ = 0 (supercollapse)
+    fam = synthetic([1e6, 4e6], 0.2, seeds=4, seed_sd=0.01, points=200, rng=3)
+    res = analyze(fam)
+    amps = np.array([c.loss[-1] for c in fam]).reshape(2, 4)
+    expected = np.mean(amps.std(1, ddof=1) / amps.mean(1))
+    assert np.allclose(res["sigma"], expected, rtol=1e-9)
+    assert max(res["delta"]) < 1e-10 < expected
+    assert all(s is None for s in analyze(synthetic([1e6, 4e6], 0.2))["sigma"])  # no seeds → null
+
+
+def test_forecast_final_loss_from_a_prefix():
+    # per-point noise 0.3%: the curve reference forecasts to ≈0.15% (the refs' own L(1) noise);
+    # Eq. 4 fitted on two small runs misfits our synthetic shape by rmse_log ≈ 0.5% and forecasts
+    # the 64× larger run at x ≤ 0.3 to −0.30% (measured); tolerance 1%
+    small = synthetic([1e6, 4e6], 0.2, noise=0.003, points=400, rng=1)
+    big = synthetic([64e6], 0.2, noise=0.003, points=400, rng=2)[0]
+    truth = 30 * 64e6 ** -0.3
+    pre = big.x <= 0.3
+    grid, _, ell, _ = normalise(small, window=20)
+    assert abs(forecast(big.x[pre], big.loss[pre], (grid, ell.mean(0))) / truth - 1) < 0.005
+    fit = fit_param(small)
+    assert fit["b1"] == 0 and fit["q1"] == 0 and fit["rmse_log"] < 0.01
+    assert abs(forecast(big.x[pre], big.loss[pre], param_reference(fit, big)) / truth - 1) < 0.01
+    # several τ: b = b0·τ^b1 is fitted (b1 ≈ −0.34) and transfers to unseen τ (measured +0.50%, +0.11%)
+    fam = [c for i, t in enumerate((0.1, 0.2, 0.4))
+           for c in synthetic([1e6, 4e6], t, noise=0.003, points=400, rng=10 + i)]
+    fit = fit_param(fam)
+    assert -0.5 < fit["b1"] < -0.2
+    for t in (0.15, 0.3):
+        c = synthetic([64e6], t, noise=0.003, points=400, rng=7)[0]
+        pre = c.x <= 0.3
+        assert abs(forecast(c.x[pre], c.loss[pre], param_reference(fit, c)) / truth - 1) < 0.01
+
+
+def test_forecast_cli_ranks_a_sweep(tmp_path):
+    # a τ sweep whose final losses differ by 1.5–4%: forecasts at x = 0.3 must pick the true best
+    refs = [c for i, t in enumerate((0.1, 0.2, 0.4)) for c in synthetic([1e6], t, noise=0.003, points=300, rng=i)]
+    sweep = []
+    for i, (t, scale) in enumerate(zip((0.1, 0.15, 0.2, 0.3, 0.4), (1.04, 1.02, 1.0, 1.015, 1.03))):
+        c = synthetic([16e6], t, noise=0.003, points=300, rng=20 + i)[0]
+        c.loss, c.name = c.loss * scale, f"cfg{i}"
+        sweep.append(c)
+    write_csv(refs, str(tmp_path / "refs.csv"))
+    write_csv(sweep, str(tmp_path / "sweep.csv"))
+    out = _cli("forecast", f"--runs={tmp_path / 'sweep.csv'}", f"--ref={tmp_path / 'refs.csv'}", "--at=0.3",
+               "--shape=param", "--json")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["picked"] == res["true_best"] == "cfg2"
+    assert res["mean_abs_err"] < 0.01  # Eq. 4 misfit, as in the test above
+    assert [r["run"] for r in res["ranking"]][:2] == ["cfg2", "cfg3"]
+
+
+def test_monitor_flags_a_bump_early_and_never_a_healthy_run(tmp_path):
+    refs = synthetic([1e6, 4e6, 16e6], 0.2, noise=0.003, points=400, rng=1)
+    for c in refs:
+        _write_run(str(tmp_path / "refs" / c.name), c)
+    mon = CollapseMonitor(str(tmp_path / "refs"))  # a folder of run directories
+    same = CollapseMonitor(refs)
+    assert np.allclose(mon.ref, same.ref, atol=1e-6)  # log.jsonl tokens are rounded to integers
+    for rng in (5, 6, 7):
+        live = synthetic([64e6], 0.2, noise=0.003, points=400, rng=rng)[0]  # a size the references lack
+        bump = 1 + 0.01 * np.clip((live.x - 0.6) / 0.05, 0, 1)  # +1% from x = 0.6, fully there by 0.65
+        for loss, sick in ((live.loss, False), (live.loss * bump, True)):
+            m = CollapseMonitor(refs)
+            alerts = [x for x, l in zip(live.x, loss) if m.update(x, l)["alert"]]
+            if sick:
+                assert alerts and 0.6 < alerts[0] < 0.7, alerts[:1]  # measured: first alert at 0.62–0.65
+            else:
+                assert alerts == []  # measured: healthy |smoothed| peaks at 0.55–0.71 of the band
+    r = CollapseMonitor(refs).update(0.5, float("nan"))
+    assert r["alert"] and "nan" in r["warning"]
+
+
+def test_analyze_cli_json_and_plot_from_run_dirs(tmp_path):
+    fam = synthetic([1e6, 4e6], 0.2, seeds=2, noise=0.002, seed_sd=0.005, points=200)
+    for c in fam:
+        _write_run(str(tmp_path / c.name), c)
+    out = _cli("analyze", f"--runs={tmp_path}/N*", "--smooth=10", "--json", f"--plot={tmp_path / 'c.png'}")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["x"] == [0.25, 0.5, 0.75, 0.9] and len(res["runs"]) == 4
+    assert all(0 < d < 0.01 for d in res["delta"]) and all(0 < s < 0.02 for s in res["sigma"])
+    assert all(r["mae"] < 0.01 for r in res["runs"])
+    with open(tmp_path / "c.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not os.path.exists(tmp_path / "c.png.tmp")
+
+
+def test_bad_input_is_one_sentence(tmp_path):
+    good = synthetic([1e6, 4e6], 0.2, points=50)
+    def csv_with(rows, header="run,step,loss"):
+        p = tmp_path / f"f{len(os.listdir(tmp_path))}.csv"
+        p.write_text(header + "\n" + "\n".join(rows) + "\n")
+        return str(p)
+    with pytest.raises(CollapseError, match="needs at least 3"):
+        load_curves(csv_with(["a,1,3.0", "a,2,2.9"]))
+    with pytest.raises(CollapseError, match="non-increasing x at point 3"):
+        load_curves(csv_with(["a,1,3.0", "a,2,2.9", "a,2,2.8"]))
+    with pytest.raises(CollapseError, match="NaN"):
+        load_curves(csv_with(["a,1,3.0", "a,2,nan", "a,3,2.8"]))
+    with pytest.raises(CollapseError, match="no column 'loss'"):
+        load_curves(csv_with(["a,1,3.0"], header="run,step,los"))
+    with pytest.raises(CollapseError, match="no column 'N'"):
+        load_curves(csv_with(["a,1,3.0"]), size_col="N")
+    other = synthetic([16e6], 0.2, schedule="cosine", points=50)
+    with pytest.raises(CollapseError, match="mix LR schedules"):
+        analyze(good + other)
+    assert len(analyze(good + other, force=True)["runs"]) == 3
+    other[0].schedule, other[0].tpp = "d2z", 80.0
+    with pytest.raises(CollapseError, match="mix tokens per parameter"):
+        analyze(good + other)
+    # the CLI: exit 2, one line on stderr, no traceback
+    for args, words in ((["analyze", "--runs=/nonexistent"], "neither a run directory"),
+                        (["analyze", "--runz=x"], "unknown argument"),
+                        (["recipe", "--params=abc"], "not a valid float"),
+                        (["analyze", f"--runs={csv_with(['a,1,3', 'a,2,2'])}"], "needs at least 3")):
+        out = _cli(*args)
+        assert out.returncode == 2 and words in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-rs", "-p", "no:cacheprovider"] + sys.argv[1:]))

@@ -1,0 +1,463 @@
+"""
+Train a BTLM-style GPT: pre-training under µP / CompleteP with variable sequence length (VSL), or continual
+pre-training (CPT) of a trained run on a new domain with replay. One file, nanoGPT style.
+
+    python train.py                                           # tiny µP model on the built-in English prose
+    python train.py config/tiny_vsl.py --max_iters=200        # a config file, then --key=value overrides
+    python train.py --init_from=out/tiny --out_dir=out/cpt --data=stdlib:0.75,prose:0.25   # CPT, 25% replay
+    python train.py --init_from=resume --out_dir=out/tiny     # pick up exactly where a run stopped
+    torchrun --standalone --nproc_per_node=2 train.py         # data-parallel (gloo on CPU, NCCL on GPU)
+
+A run lives in out_dir: config.json (every setting, N, D, TPP, B, T, η, λ, τ), log.jsonl (one JSON object a
+line) and the last `keep_last` checkpoints ckpt_XXXXXXX.pt, each written to a temporary name and renamed.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+
+import data as data_mod
+from model import GPT, GPTConfig, ModelError, get_preset
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = "out/tiny"         # the run directory
+    init_from: str = "scratch"        # scratch | resume | <run dir> (CPT from its last checkpoint) | hf:<repo or dir>
+    data: str = "prose"               # mixture of datasets under data_dir: "prose" or "stdlib:0.75,prose:0.25"
+    data_dir: str = "data"            # where `python data.py` put the datasets (built-ins are prepared on demand)
+    # model (preset, then overrides; 0 / "" keeps the preset's value)
+    model: str = "tiny"               # a key of model.PRESETS
+    n_layer: int = 0
+    n_head: int = 0
+    n_embd: int = 0
+    param: str = ""                   # sp | mup | completep
+    d_base: int = 0                   # µP base width (m_N = n_embd / d_base)
+    L_base: int = 0                   # CompleteP base depth (m_L = n_layer / L_base)
+    dropout: float = -1.0             # -1 keeps the preset's (0)
+    # budget: exactly one of max_iters, tokens, tpp (tokens per non-embedding parameter) may be non-zero
+    max_iters: int = 0
+    tokens: int = 2_000_000
+    tpp: float = 0.0
+    batch_tokens: int = 8192          # tokens per optimizer step (all ranks, all micro-batches)
+    micro_batch_tokens: int = 0       # tokens per forward/backward on one rank; 0 = batch_tokens / world_size
+    seq_len_schedule: str = "256"     # VSL: "2048:0.75,8192:0.25" = 75% of tokens at 2,048, then 25% at 8,192
+    # optimizer (base values η, λ of the µP proxy; mup.py scales them per parameter group)
+    lr: float = 1.2e-2                # BTLM's tuned µP base LR
+    weight_decay: float = 0.1
+    tau: str = ""                     # "" keeps weight_decay; a number or "opt" sets λ so that B/(ηλD) = τ (SPEC §3)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0            # 0 disables
+    schedule: str = "linear"          # linear (to final_lr_frac) | d2z | cosine (to 10%) | constant | wsd
+    warmup: float = 0.02              # fraction of steps with linear warmup
+    final_lr_frac: float = 0.0085     # BTLM decays linearly to 0.85% of the peak
+    wsd_decay: float = 0.2            # wsd: the last fraction of steps decays linearly to zero
+    # evaluation, logging, checkpoints
+    eval_interval: int = 50           # steps between evaluations and checkpoints
+    eval_batches: int = 4
+    log_interval: int = 5
+    keep_last: int = 2                # checkpoints kept
+    stop_at: int = 0                  # stop (with a checkpoint) after this step, e.g. before a job's time limit
+    collapse_ref: str = ""            # run dir(s) or CSV of healthy runs: warn when this run leaves their curve
+    sample_tokens: int = 200          # sample printed at the end (0: none)
+    # system
+    seed: int = 1337
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"            # float32 | bfloat16 (autocast)
+    compile: bool = False
+    peak_flops: float = 0.0           # for MFU; 0 picks a per-device value (see peak_flops_for)
+
+
+class TrainError(Exception):
+    """A setting or file the run cannot work with (one sentence)."""
+
+
+# keys a resumed run may change: how it runs, not what it computes
+RESUME_KEYS = {"init_from", "out_dir", "stop_at", "device", "compile", "log_interval", "sample_tokens", "collapse_ref"}
+
+
+def parse_args(argv):
+    """Defaults, then config files (python files of `key = value`), then --key=value flags, type-checked."""
+    cfg, given = Config(), {}
+    types = {f.name: type(f.default) for f in fields(Config)}
+
+    def setval(k, v, where):
+        if k not in types:
+            raise TrainError(f"unknown setting {k!r} in {where}; valid keys: {', '.join(types)}")
+        t = types[k]
+        if isinstance(v, str) and t is not str:
+            try:
+                v = {"true": True, "false": False}[v.lower()] if t is bool else t(float(v) if t is int else v)
+            except (KeyError, ValueError):
+                raise TrainError(f"--{k}={v!r} is not a valid {t.__name__}") from None
+        if t is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            raise TrainError(f"{k} must be a {t.__name__}, got {v!r} in {where}")
+        setattr(cfg, k, v)
+        given[k] = v
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\nsettings (--key=value):\n" + "\n".join(f"  --{f.name}={f.default!r}" for f in fields(Config)))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise TrainError(f"config file {arg} does not exist (settings are given as --key=value)")
+            ns = {}
+            exec(open(arg).read(), {}, ns)
+            for k, v in ns.items():
+                if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
+                    setval(k, v, arg)
+        else:
+            k, eq, v = arg[2:].partition("=")
+            setval(k, v if eq else "true", "the command line")
+    return cfg, given
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learning-rate schedules: a multiplier of every group's own LR (mup.py's lr_mult keeps the groups' ratios)
+
+def lr_factor(step, T, cfg):
+    warm = max(1, round(cfg.warmup * T)) if cfg.warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    p = (step - warm) / max(1, T - warm)   # progress through the decay, 0 → 1
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "d2z":              # linear decay to zero (Straight to Zero, arXiv 2502.15938)
+        return 1.0 - p
+    if cfg.schedule == "linear":           # BTLM: linear to final_lr_frac of the peak
+        return 1.0 - (1.0 - cfg.final_lr_frac) * p
+    if cfg.schedule == "cosine":           # to 10% of the peak
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * p))
+    if cfg.schedule == "wsd":              # warmup, stable, then linear decay to zero over the last wsd_decay
+        start = 1.0 - cfg.wsd_decay
+        return 1.0 if (step / T) < start else max(0.0, (1.0 - step / T) / cfg.wsd_decay)
+    raise TrainError(f"unknown schedule {cfg.schedule!r}; choose linear, d2z, cosine, constant or wsd")
+
+
+def peak_flops_for(device, dtype):
+    """Peak matmul FLOP/s that MFU is measured against: this project's CPU (bench.py measures it: ≈172 GFLOP/s
+    fp32, ≈410 GFLOP/s bf16 on 2 Zen 4 cores), or an H100's dense bf16 peak of 989 TFLOP/s on CUDA."""
+    if device.startswith("cuda"):
+        return 989e12 if dtype == "bfloat16" else 67e12
+    return 4.1e11 if dtype == "bfloat16" else 1.72e11
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def checkpoints(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+
+
+def save_checkpoint(out_dir, state, keep_last):
+    path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)          # a checkpoint that exists is complete
+    for old in checkpoints(out_dir)[:-keep_last]:
+        os.remove(old)
+
+
+def load_checkpoint(run_dir):
+    ck = checkpoints(run_dir)
+    if not ck:
+        raise TrainError(f"{run_dir} holds no checkpoint (ckpt_*.pt) to start from")
+    try:
+        return torch.load(ck[-1], map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TrainError(f"checkpoint {ck[-1]} cannot be read ({type(e).__name__}); delete it to fall back to an older one")
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def code_version():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    h = hashlib.sha256()
+    for f in ("model.py", "mup.py", "data.py", "train.py"):
+        with open(os.path.join(here, f), "rb") as fh:
+            h.update(fh.read())
+    return {"git": rev, "sha256": h.hexdigest()[:16]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def build(cfg, given, ddp_rank, world):
+    """Resolve data, model, budget and optimizer; returns everything the loop needs."""
+    resume = cfg.init_from == "resume"
+    ck = None
+    if resume:
+        ck = load_checkpoint(cfg.out_dir)
+        saved = ck["config"]
+        changed = {k for k in given if k not in RESUME_KEYS and given[k] != saved.get(k)}
+        if changed:
+            raise TrainError(f"a resumed run keeps its settings; {', '.join(sorted(changed))} differ from "
+                             f"{cfg.out_dir}/config.json (only {', '.join(sorted(RESUME_KEYS))} may change)")
+        for k, v in saved.items():
+            if k not in given or k not in RESUME_KEYS:
+                setattr(cfg, k, v)
+        cfg.init_from = "resume"
+    elif checkpoints(cfg.out_dir):
+        raise TrainError(f"{cfg.out_dir} already holds a run; use --init_from=resume or another --out_dir")
+
+    # data
+    weights = data_mod.parse_mixture(cfg.data)
+    if ddp_rank == 0:
+        data_mod.ensure_builtin(cfg.data_dir) if any(d in data_mod.BUILTIN for d in weights) else None
+    if world > 1:
+        torch.distributed.barrier()
+    schedule = data_mod.parse_seq_len_schedule(cfg.seq_len_schedule)
+
+    def open_domain(name):
+        path = name if os.path.isdir(name) else os.path.join(cfg.data_dir, name)
+        return data_mod.Dataset(path)
+
+    # model: from scratch, from a run (CPT), from Hugging Face, or the checkpoint being resumed
+    cpt, base = None, None
+    if resume:
+        model = GPT(GPTConfig(**ck["model_config"]))
+        model.load_state_dict(ck["model"])
+        cpt = ck["cpt"]
+    elif cfg.init_from == "scratch":
+        over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "param", "d_base", "L_base") if getattr(cfg, k)}
+        if cfg.dropout >= 0:
+            over["dropout"] = cfg.dropout
+        model = GPT(get_preset(cfg.model, **over))
+    elif cfg.init_from.startswith("hf:"):
+        model = GPT.from_pretrained(cfg.init_from[3:])
+        cpt = {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": None, "base_ptpp": None}
+    else:
+        if os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out_dir):
+            raise TrainError("--init_from and --out_dir are the same run; CPT writes a new run directory")
+        if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+            raise TrainError(f"--init_from={cfg.init_from} is neither scratch, resume, hf:<name> nor a run directory")
+        bck = load_checkpoint(cfg.init_from)
+        model = GPT(GPTConfig(**bck["model_config"]))
+        model.load_state_dict(bck["model"])
+        base = json.load(open(os.path.join(cfg.init_from, "config.json")))
+        base_tokens = bck["tokens"] + (base["cpt"]["base_D"] or 0 if base.get("cpt") else 0)
+        cpt = {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": base_tokens,
+               "base_ptpp": base_tokens / model.num_params()}
+    if cpt is not None and not resume:
+        base_domains = list(data_mod.parse_mixture(base["data"])) if base else []
+        targets = [d for d in weights if d not in base_domains]
+        cpt.update(base_domain=base_domains[0] if base_domains else None, target_domain=targets[0] if targets else None,
+                   replay=sum(w for d, w in weights.items() if d in base_domains))
+    eval_names = list(dict.fromkeys(list(weights) + ([cpt["base_domain"]] if cpt and cpt.get("base_domain") else [])))
+    domains = {d: open_domain(d) for d in eval_names}
+    for d, ds in domains.items():
+        if ds.vocab_size > model.config.vocab_size:
+            raise TrainError(f"dataset {ds.path} has vocabulary {ds.vocab_size} but the model has "
+                             f"{model.config.vocab_size}: the checkpoint and the data do not match")
+
+    # budget
+    N = model.num_params()
+    set_budget = [k for k in ("max_iters", "tokens", "tpp") if getattr(cfg, k)]
+    if len(set_budget) > 1 and "tokens" in set_budget and "tokens" not in given:
+        cfg.tokens, set_budget = 0, [k for k in set_budget if k != "tokens"]
+    if len(set_budget) != 1:
+        raise TrainError(f"give exactly one budget of --max_iters, --tokens, --tpp (got {set_budget or 'none'})")
+    D = cfg.max_iters * cfg.batch_tokens if cfg.max_iters else int(cfg.tokens or cfg.tpp * N)
+    T = max(1, math.ceil(D / cfg.batch_tokens))
+    D = T * cfg.batch_tokens
+    if cfg.tau:
+        from collapse import tau_opt, weight_decay_for_tau
+        tau = tau_opt(D / N) if cfg.tau == "opt" else float(cfg.tau)
+        cfg.weight_decay = weight_decay_for_tau(tau, cfg.lr, cfg.batch_tokens, D)
+    tau = cfg.batch_tokens / (cfg.lr * cfg.weight_decay * D) if cfg.weight_decay > 0 else float("inf")
+    batches = data_mod.Batches({d: domains[d] for d in weights}, weights, cfg.batch_tokens, schedule, D, cfg.seed)
+    micro = cfg.micro_batch_tokens or cfg.batch_tokens // world
+    for Tseq, _ in schedule:
+        if micro % Tseq or (cfg.batch_tokens // Tseq) % world or (cfg.batch_tokens // Tseq // world) % (micro // Tseq):
+            raise TrainError(f"batch_tokens={cfg.batch_tokens} does not split into {world} rank(s) × micro-batches "
+                             f"of micro_batch_tokens={micro} at sequence length {Tseq}")
+    return dict(model=model, ck=ck, cpt=cpt, domains=domains, batches=batches, N=N, D=D, T=T, tau=tau,
+                schedule=schedule, micro=micro)
+
+
+def main(argv):
+    cfg, given = parse_args(argv)
+    # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    master = rank == 0
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise TrainError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    lr_factor(0, 10, cfg)  # validates the schedule name before any work
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    b = build(cfg, given, rank, world)
+    model, batches, N, D, T = b["model"], b["batches"], b["N"], b["D"], b["T"]
+    model.to(device)
+    torch.manual_seed(cfg.seed + rank)
+    optimizer = model.configure_optimizers(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    step = 0
+    if b["ck"] is not None:
+        optimizer.load_state_dict(b["ck"]["optimizer"])
+        step = b["ck"]["step"]
+        torch.set_rng_state(b["ck"]["rng"])
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    peak = cfg.peak_flops or peak_flops_for(device, cfg.dtype)
+    eval_T = b["schedule"][0][0]
+    val = {d: data_mod.val_batches(ds, eval_T, cfg.eval_batches, max(1, b["micro"] // eval_T), seed=cfg.seed)
+           for d, ds in b["domains"].items()}
+    run_info = dict(dataclasses.asdict(cfg), N=N, D=D, TPP=D / N, B=cfg.batch_tokens, T=T, tau=b["tau"],
+                    n_layer=raw.config.n_layer, n_embd=raw.config.n_embd, n_head=raw.config.n_head,
+                    param=raw.config.param, model_config=dataclasses.asdict(raw.config), cpt=b["cpt"],
+                    tokenizer=next(iter(b["domains"].values())).tokenizer, world_size=world, code=code_version())
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    monitor = None
+    if cfg.collapse_ref:
+        from collapse import CollapseMonitor
+        monitor = CollapseMonitor(cfg.collapse_ref)
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json(os.path.join(cfg.out_dir, "config.json"), run_info)
+        # a resumed run drops log lines written after its checkpoint, so the log reads as one uninterrupted run
+        lines = open(log_path).read().splitlines() if os.path.exists(log_path) and step else []
+        kept = [l for l in lines if json.loads(l)["step"] <= step and not (json.loads(l)["step"] == step and "val" in json.loads(l) and step)]
+        with open(log_path + ".tmp", "w") as f:
+            f.write("".join(l + "\n" for l in kept))
+        os.replace(log_path + ".tmp", log_path)
+        if monitor:  # replay the history so the monitor's fit of this run's scale is the same as without a break
+            for l in kept:
+                r = json.loads(l)
+                if "loss" in r:
+                    monitor.update(r["tokens"] / D, r["loss"])
+        print(f"{cfg.out_dir}: N={N:,} non-embedding params, D={D:,} tokens ({D / N:.1f} TPP), {T} steps of "
+              f"{cfg.batch_tokens:,} tokens, η={cfg.lr:g}, λ={cfg.weight_decay:.4g}, τ={b['tau']:.4g}, "
+              f"{raw.config.param}, {device} {cfg.dtype}" + (f", world {world}" if world > 1 else ""))
+
+    def log(rec):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        out = {}
+        for d, bs in val.items():
+            losses = []
+            for x, y in bs:
+                with autocast:
+                    losses.append(raw(x.to(device), y.to(device))[1].item())
+            out[d] = sum(losses) / len(losses)
+        model.train()
+        return out
+
+    def checkpoint():
+        if master:
+            save_checkpoint(cfg.out_dir, dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                              tokens=step * cfg.batch_tokens, config=dataclasses.asdict(cfg),
+                                              model_config=dataclasses.asdict(raw.config), cpt=b["cpt"],
+                                              rng=torch.get_rng_state()), cfg.keep_last)
+
+    if step == 0:
+        v = evaluate()
+        log({"step": 0, "tokens": 0, "val": v})
+        if master:
+            print("before training: " + ", ".join(f"val {d} {l:.4f}" for d, l in v.items()))
+    from tqdm import tqdm
+    bar = tqdm(total=T, initial=step, disable=not master, dynamic_ncols=True)
+    t0, tok_since = time.time(), 0
+    while step < T:
+        f = lr_factor(step, T, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr * g["lr_mult"] * f
+        x, y, Tseq = batches.get(step, rank, world)
+        n_micro = x.size(0) // (b["micro"] // Tseq)
+        loss_sum = torch.zeros((), device=device)
+        for i, (xm, ym) in enumerate(zip(x.chunk(n_micro), y.chunk(n_micro))):
+            sync = i == n_micro - 1
+            ctx = model.no_sync() if world > 1 and not sync else torch.enable_grad()
+            with ctx:
+                with autocast:
+                    _, loss = model(xm.to(device), ym.to(device))
+                (loss / n_micro).backward()
+            loss_sum += loss.detach() / n_micro
+        if world > 1:
+            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+        gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        lossf = loss_sum.item()
+        if not math.isfinite(lossf):
+            raise TrainError(f"the loss became {lossf} at step {step}; the last good checkpoint in {cfg.out_dir} "
+                             "is kept (lower --lr, or check the data)")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tok_since += cfg.batch_tokens
+        bar.update(1)
+        if step % cfg.log_interval == 0 or step == T:
+            dt = time.time() - t0
+            tps = tok_since / dt
+            rec = {"step": step, "tokens": step * cfg.batch_tokens, "lr": cfg.lr * f, "loss": lossf, "seq_len": Tseq,
+                   "grad_norm": gn.item(), "tok_per_s": tps, "mfu": raw.estimate_mfu(tps, Tseq, peak)}
+            if monitor and master:
+                m = monitor.update(rec["tokens"] / D, lossf)
+                rec["collapse_residual"] = m["smoothed"]
+                if m["alert"]:
+                    bar.write(f"collapse monitor: {m['warning']}")
+            log(rec)
+            bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{tps:,.0f}")
+            t0, tok_since = time.time(), 0
+        if step % cfg.eval_interval == 0 or step == T or step == cfg.stop_at:
+            v = evaluate()
+            log({"step": step, "tokens": step * cfg.batch_tokens, "val": v})
+            bar.write(f"step {step}: " + ", ".join(f"val {d} {l:.4f}" for d, l in v.items()))
+            checkpoint()
+            t0, tok_since = time.time(), 0
+        if step == cfg.stop_at:
+            bar.close()
+            if master:
+                print(f"stopped at step {step} (--stop_at); continue with --init_from=resume --out_dir={cfg.out_dir}")
+            return
+    bar.close()
+    if master and cfg.sample_tokens:
+        enc = data_mod.get_encoding(run_info["tokenizer"])
+        start = torch.tensor([[enc.eot_token]], device=device)
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        with autocast:
+            out = raw.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50, generator=g)
+        print("sample:\n" + enc.decode(out[0, 1:].tolist()))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (TrainError, ModelError, data_mod.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
