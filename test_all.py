@@ -341,7 +341,7 @@ def test_ddp_two_processes_match_one(corpora, tmp_path):
 
 
 def test_train_bad_input_is_one_sentence(corpora, tmp_path):
-    cases = [(["--lr_peak=1"], "unknown setting 'lr_peak'"), (["--lr=fast"], "is not a valid float"),
+    cases = [(["--lr_peak=1"], "unknown setting 'lr_peak'"), (["--lr=fast"], "lr='fast' from the command line is not a valid float"),
              (["--init_from=nowhere"], "neither scratch, resume"), (["--model=gpt5"], "unknown model preset"),
              (["--data=nope"], "nope"), (["--micro_batch_tokens=100"], "does not split"),
              (["--init_from=resume"], "holds no checkpoint")]

@@ -86,41 +86,53 @@ class TrainError(Exception):
 RESUME_KEYS = {"init_from", "out_dir", "stop_at", "device", "compile", "log_interval", "sample_tokens", "collapse_ref"}
 
 
-def parse_args(argv):
-    """Defaults, then config files (python files of `key = value`), then --key=value flags, type-checked."""
-    cfg, given = Config(), {}
-    types = {f.name: type(f.default) for f in fields(Config)}
+def parse_args(argv, schema=Config):
+    """Defaults, then config files (python files of `key = value`), then --key=value flags, type-checked.
+    A config file sees the command line's settings as variables, so a family preset can derive a whole model
+    from one dial: `python train.py config/celerity.py --n_layer=6`."""
+    cfg, given = schema(), {}
+    types = {f.name: type(f.default) for f in fields(schema)}
 
-    def setval(k, v, where):
+    def typed(k, v, where):
         if k not in types:
             raise TrainError(f"unknown setting {k!r} in {where}; valid keys: {', '.join(types)}")
         t = types[k]
         if isinstance(v, str) and t is not str:
+            raw, v = v, None
             try:
-                v = {"true": True, "false": False}[v.lower()] if t is bool else t(float(v) if t is int else v)
-            except (KeyError, ValueError):
-                raise TrainError(f"--{k}={v!r} is not a valid {t.__name__}") from None
+                v = {"true": True, "false": False}[raw.lower()] if t is bool else float(raw)
+                if t is int:
+                    v = int(v) if v == int(v) else None
+            except (KeyError, ValueError, OverflowError):
+                pass
+            if v is None:
+                raise TrainError(f"{k}={raw!r} from {where} is not a valid {t.__name__}")
         if t is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if not isinstance(v, t) or (t is int and isinstance(v, bool)):
             raise TrainError(f"{k} must be a {t.__name__}, got {v!r} in {where}")
-        setattr(cfg, k, v)
-        given[k] = v
+        return v
+    if any(a in ("-h", "--help") for a in argv):
+        doc = sys.modules[schema.__module__].__doc__
+        print(doc + "\nsettings (--key=value):\n" + "\n".join(f"  --{f.name}={f.default!r}" for f in fields(schema)))
+        sys.exit(0)
+    cli = {}
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nsettings (--key=value):\n" + "\n".join(f"  --{f.name}={f.default!r}" for f in fields(Config)))
-            sys.exit(0)
+        if arg.startswith("--"):
+            k, eq, v = arg[2:].partition("=")
+            cli[k] = typed(k, v if eq else "true", "the command line")
+    for arg in argv:
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise TrainError(f"config file {arg} does not exist (settings are given as --key=value)")
-            ns = {}
-            exec(open(arg).read(), {}, ns)
+            ns = dict(cli)
+            exec(open(arg).read(), ns)
             for k, v in ns.items():
-                if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
-                    setval(k, v, arg)
-        else:
-            k, eq, v = arg[2:].partition("=")
-            setval(k, v if eq else "true", "the command line")
+                if k not in cli and not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
+                    given[k] = typed(k, v, arg)
+    given.update(cli)
+    for k, v in given.items():
+        setattr(cfg, k, v)
     return cfg, given
 
 

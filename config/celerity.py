@@ -1,0 +1,20 @@
+# A Celerity-like model family (Bergsma et al. 2025, "Scaling with Collapse"), derived from one dial, the depth:
+#   python train.py config/celerity.py --n_layer=4      (any --n_layer; everything else follows from it)
+# CompleteP, width 32·depth, 20 tokens per parameter, linear decay to zero with 10% warmup, batch from Power
+# Lines' B_opt(D) and weight decay set so that the AdamW timescale is τ_opt(TPP) (SPEC §3).
+from collapse import batch_opt
+
+n_layer = globals().get("n_layer", 4)             # the dial: --n_layer=… on the command line
+n_embd = 32 * n_layer
+n_head = max(1, n_embd // 32)
+param = "completep"
+d_base, L_base = 64, 2
+tpp = 20.0
+_N = 12 * n_layer * n_embd ** 2                      # ≈ non-embedding parameters (attention 4d² + SwiGLU 8d²)
+_T = 256
+batch_tokens = max(2, round(batch_opt(tpp * _N, in_tokens=True) / _T)) * _T   # B_opt in tokens, whole sequences
+seq_len_schedule = str(_T)
+schedule = "d2z"
+warmup = 0.1
+tau = "opt"                                          # λ = 1/(η·τ_opt(TPP)·T)
+out_dir = f"out/celerity_L{n_layer}"
