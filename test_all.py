@@ -340,6 +340,37 @@ def test_ddp_two_processes_match_one(corpora, tmp_path):
     assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
 
 
+def test_collapse_monitor_during_training_and_sampling(corpora, tmp_path):
+    train(corpora, tmp_path / "ref", "--max_iters=12")
+    log = train(corpora, tmp_path / "b", "--max_iters=12", "--seed=7", f"--collapse_ref={tmp_path / 'ref'}")
+    res = [r["collapse_residual"] for r in log if "collapse_residual" in r]
+    assert len(res) == 12 and all(math.isfinite(r) for r in res)
+    rc, out, err = run_cli("sample.py", f"--run={tmp_path / 'b'}", "--start=The ", "--max_new_tokens=20",
+                           "--num_samples=2", "--temperature=0")
+    assert rc == 0, err
+    samples = out.split("---------------")
+    assert samples[0].startswith("The ") and samples[0] == samples[1].lstrip("\n")  # greedy: identical
+    rc, out, err = run_cli("sample.py", f"--run={tmp_path / 'nothing'}")
+    assert rc == 2 and "not a run directory" in err
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(corpora, tmp_path, monkeypatch):
+    import model as model_mod
+    calls, forward = [0], model_mod.GPT.forward
+
+    def poisoned(self, idx, targets=None, cache=None):
+        logits, loss = forward(self, idx, targets, cache)
+        if self.training:
+            calls[0] += 1
+            if calls[0] > 7:
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(model_mod.GPT, "forward", poisoned)
+    with pytest.raises(train_mod.TrainError, match="the loss became nan at step 7"):
+        train(corpora, tmp_path / "nan", "--max_iters=20")
+    assert [os.path.basename(p) for p in train_mod.checkpoints(str(tmp_path / "nan"))] == ["ckpt_0000005.pt"]
+
+
 def test_train_bad_input_is_one_sentence(corpora, tmp_path):
     cases = [(["--lr_peak=1"], "unknown setting 'lr_peak'"), (["--lr=fast"], "lr='fast' from the command line is not a valid float"),
              (["--init_from=nowhere"], "neither scratch, resume"), (["--model=gpt5"], "unknown model preset"),
