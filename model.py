@@ -145,7 +145,8 @@ class CausalSelfAttention(nn.Module):
             # of plain causal attention. It stays in fp32: in bf16, m_h·j loses precision at long context.
             bias = None
             if impl != "causal":
-                bias = (self.slopes[:, None, None] * torch.arange(S, device=x.device, dtype=torch.float32)).unsqueeze(0)
+                pos = torch.arange(S, device=x.device, dtype=self.slopes.dtype)
+                bias = (self.slopes[:, None, None] * pos).unsqueeze(0)
             if past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True, dropout_p=drop,
                                                    scale=self.scale)
@@ -156,6 +157,14 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(bfloat16) must not round the fixed slopes: m_h·j needs fp32 at long context (SPEC §1). They follow
+        # a float64 model, since torch 2.13's CPU SDPA mis-reads an fp32 attn_mask next to float64 queries.
+        super()._apply(fn, *args, **kwargs)
+        dtype = torch.promote_types(self.slopes.dtype, torch.float32)
+        self.slopes = alibi_slopes(self.n_head).to(device=self.slopes.device, dtype=dtype)
+        return self
 
     def naive(self, q, k, v, past=0):
         """The textbook reference: softmax(q·kᵀ·scale − m·|i − j| + causal mask)·v with a full (H, T, S) bias."""
@@ -281,7 +290,7 @@ class GPT(nn.Module):
     def from_hf_state_dict(cls, state_dict, hf_config, conv1d=True, dtype=torch.float32, device="cpu"):
         """A GPT from an HF BTLM state dict and its config.json dict (config_from_hf maps the keys). Matrices whose
         two dims differ are oriented by shape; square ones (attn.c_proj) are read as GPT-2 Conv1D, (in, out), when
-        conv1d, as every HF BTLM checkpoint stores them, else as nn.Linear's (out, in). The weights are copied."""
+        conv1d, as modeling_btlm.py's Conv1D modules store them, else as nn.Linear's (out, in). Weights are copied."""
         return _load_hf(dict(state_dict), hf_config, conv1d, dtype, device, copy=True)
 
     @classmethod
@@ -289,7 +298,8 @@ class GPT(nn.Module):
         """Load "cerebras/btlm-3b-8k-base" or any HF BTLM checkpoint: a local folder (config.json with
         model.safetensors or pytorch_model.bin, or shards listed in their .index.json) or a Hub repo id, downloaded
         through the optional huggingface_hub (safetensors preferred). The model is built on the meta device and takes
-        the checkpoint's tensors one at a time, so the weights are held once (memory-mapped when no cast is needed)."""
+        the checkpoint's tensors one at a time, so the weights are held once; tensors needing no transpose or cast
+        stay memory-mapped (copy-on-write: training never writes to the file)."""
         folder = _hf_folder(name)
         try:
             with open(os.path.join(folder, "config.json")) as f:
@@ -311,7 +321,8 @@ class GPT(nn.Module):
                              f"BTLM config key, so this model cannot be saved in Hugging Face BTLM format")
         power = pz.attn_scale_power if c.attn_scale_power is None else c.attn_scale_power
         if power not in (0.5, 1.0):
-            raise ModelError(f"attention scale 1/d_head^{power} has no BTLM config key (mup_scale_qk_dot_by_d gives 1 or 0.5)")
+            raise ModelError(f"attention scale 1/d_head^{power} has no BTLM config key "
+                             f"(mup_scale_qk_dot_by_d gives 1 or 0.5)")
         mup, code = c.param != "sp", "cerebras/btlm-3b-8k-base--"
         return {"model_type": "btlm", "architectures": ["BTLMLMHeadModel"],
                 "auto_map": {"AutoConfig": code + "configuration_btlm.BTLMConfig",
@@ -333,7 +344,7 @@ class GPT(nn.Module):
         (H, 1), as modeling_btlm.py keeps them. Tensors that need no transpose share memory with the model."""
         sd = {k: (t.t().contiguous() if conv1d and k.endswith(HF_CONV1D) else t)
               for k, t in self.state_dict(keep_vars=False).items()}
-        sd[HF_SLOPES] = alibi_slopes(self.config.n_head).view(-1, 1)
+        sd[HF_SLOPES] = alibi_slopes(self.config.n_head).view(-1, 1).to(self.transformer.wte.weight.device)
         return sd
 
     def save_pretrained(self, folder):
@@ -370,8 +381,8 @@ HF_FIXED = {"activation_function": ("swiglu", "gelu_new"), "position_embedding_t
 def config_from_hf(hf):
     """GPTConfig of a BTLM config.json dict. The µP keys map onto mup.py's multipliers: HF scales the logits by
     mup_output_alpha·mup_width_scale = α_out/m_N, so m_N = 1/mup_width_scale and d_base = n_embd·mup_width_scale;
-    α_in = mup_embeddings_scale; σ = initializer_range; mup_scale_qk_dot_by_d picks 1/d_head over 1/√d_head. With the
-    four mup_* keys absent or neutral (1, 1, 1, false) the model is SP. n_inner null means 4·n_embd, as in GPT-2."""
+    α_in = mup_embeddings_scale; σ = initializer_range; mup_scale_qk_dot_by_d picks 1/d_head over 1/√d_head.
+    With the four mup_* keys absent or neutral (1, 1, 1, false) the model is SP. n_inner null is 4·n_embd (GPT-2)."""
     if not isinstance(hf, dict):
         raise ModelError(f"a Hugging Face config must be a JSON object, got {type(hf).__name__}")
     if hf.get("model_type", "btlm") != "btlm":
@@ -390,7 +401,8 @@ def config_from_hf(hf):
                              f"{'integer' if integer else 'number'}")
         return v
     d = num("n_embd", integer=True)
-    width, alpha_in, alpha_out = (float(num(k, 1.0)) for k in ("mup_width_scale", "mup_embeddings_scale", "mup_output_alpha"))
+    width, alpha_in, alpha_out = (float(num(k, 1.0))
+                                  for k in ("mup_width_scale", "mup_embeddings_scale", "mup_output_alpha"))
     by_d = hf.get("mup_scale_qk_dot_by_d", False)
     if not isinstance(by_d, bool):
         raise ModelError(f"config key mup_scale_qk_dot_by_d is {by_d!r}, not true or false")
@@ -428,18 +440,23 @@ def _load_hf(sd, hf, conv1d, dtype, device, copy):
         elif tuple(t.shape) != want:
             alt = f" or its transpose {want[::-1]}" if name.endswith(HF_CONV1D) else ""
             raise ModelError(f"{name} has shape {tuple(t.shape)}, but the config needs {want}{alt}")
-        ours[name] = t.to(device=device, dtype=dtype, copy=copy, memory_format=torch.contiguous_format)
+        if copy or not t.is_contiguous() or t.dtype != dtype or t.device != torch.device(device):
+            # one pass that transposes, casts and moves; a transposed view would make bf16 matmuls ~18x slower on CPU
+            t = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+        ours[name] = t
     tied, slopes = sd.pop("lm_head.weight", None), sd.pop(HF_SLOPES, None)
     extra = sorted(k for k in sd if not k.endswith((".attn.bias", ".attn.masked_bias")))  # GPT-2's causal-mask buffers
     if extra:
         raise ModelError(f"the checkpoint has {len(extra)} unexpected key(s), the first being {extra[0]}")
     if tied is not None and (tied.shape != raw_wte.shape or not torch.equal(tied, raw_wte.to(tied.dtype))):
-        raise ModelError("lm_head.weight differs from transformer.wte.weight, but BTLM ties its input and output embeddings")
+        raise ModelError("lm_head.weight differs from transformer.wte.weight, but BTLM ties its input and output "
+                         "embeddings")
     ref = alibi_slopes(config.n_head)
-    if slopes is not None and (slopes.numel() != config.n_head or
-                               not torch.allclose(slopes.float().reshape(-1).cpu(), ref, rtol=1e-6, atol=0)):
-        raise ModelError(f"{HF_SLOPES} holds ALiBi slopes {[round(s, 6) for s in slopes.float().reshape(-1).tolist()]}, "
-                         f"but {config.n_head} heads have {[round(s, 6) for s in ref.tolist()]}")
+    if slopes is not None:
+        stored = slopes.float().reshape(-1).cpu()
+        if stored.numel() != config.n_head or not torch.allclose(stored, ref, rtol=1e-6, atol=0):
+            raise ModelError(f"{HF_SLOPES} holds ALiBi slopes {[round(s, 6) for s in stored.tolist()]}, "
+                             f"but {config.n_head} heads have {[round(s, 6) for s in ref.tolist()]}")
     ours["lm_head.weight"] = ours["transformer.wte.weight"]
     model.load_state_dict(ours, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters of one tensor: tie again
@@ -526,8 +543,8 @@ def _load_safetensors(path):
             numel = math.prod(info["shape"])
             if end - begin != numel * dtype.itemsize or 8 + n + end > len(buf):
                 raise ValueError(f"{name}'s byte range [{begin}, {end}) does not fit its shape or the file")
-            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin) if numel else torch.empty(0, dtype=dtype)
-            out[name] = t.view(info["shape"])
+            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin) if numel else torch.empty(0)
+            out[name] = t.to(dtype).view(info["shape"])
         return out
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None

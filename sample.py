@@ -32,7 +32,7 @@ class SampleConfig:
 def load_model(run, device, dtype=torch.float32):
     """(model, tiktoken encoding) from a run directory or hf:<name>."""
     if run.startswith("hf:"):
-        model = GPT.from_pretrained(run[3:], torch_dtype=dtype)
+        model = GPT.from_pretrained(run[3:], dtype=dtype, device=device)
         return model.to(device).eval(), data_mod.get_encoding("gpt2")
     cfg_path = os.path.join(run, "config.json")
     if not os.path.isfile(cfg_path):

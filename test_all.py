@@ -922,5 +922,311 @@ def test_bad_input_is_one_sentence(tmp_path):
         out = _cli(*args)
         assert out.returncode == 2 and words in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
+# ----------------------------------------------------------------------------------------------------------------
+# model.py: Hugging Face BTLM checkpoints (parity with a reference forward written from SPEC §1)
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: E402
+
+from model import GPT, HF_SLOPES, GPTConfig, ModelError, _load_safetensors, config_from_hf
+
+# Three tiny BTLM configs with the real config.json key names (SPEC §1): µP like BTLM with 3 heads (not a power of
+# two), µP multipliers with the 1/√d_head attention (mup_scale_qk_dot_by_d false), and plain SP with 6 heads and
+# n_inner null (GPT-2's 4·n_embd).
+BTLM_LIKE = dict(model_type="btlm", n_embd=48, n_layer=2, n_head=3, n_inner=100, n_positions=64, vocab_size=97,
+                 layer_norm_epsilon=1e-5, initializer_range=0.073, mup_width_scale=0.25, mup_embeddings_scale=14.6,
+                 mup_output_alpha=2.22, mup_scale_qk_dot_by_d=True, activation_function="swiglu",
+                 position_embedding_type="alibi")
+MUP_SQRT = dict(BTLM_LIKE, n_embd=64, n_head=4, n_inner=170, mup_width_scale=0.125, mup_scale_qk_dot_by_d=False)
+SP = {k: v for k, v in BTLM_LIKE.items() if not k.startswith("mup_")} | dict(n_embd=60, n_head=6, n_inner=None)
+CONFIGS = {"btlm_like_3_heads": BTLM_LIKE, "mup_sqrt_d": MUP_SQRT, "sp_6_heads": SP}
+
+
+def _slopes(H):
+    """ALiBi slopes as SPEC §1 states them: 2^(−8h/H) for a power of two, else the 2^⌊log2 H⌋ set followed by every
+    other slope of the 2·2^⌊log2 H⌋ set."""
+    def power_of_two(n):
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+    p = 2 ** (H.bit_length() - 1)
+    return power_of_two(H) if p == H else power_of_two(p) + power_of_two(2 * p)[0::2][:H - p]
+
+
+def _random_hf(cfg, seed=0):
+    """An HF-format BTLM state dict with random weights: block matrices in GPT-2 Conv1D layout (in, out), the tied
+    lm_head.weight and the stored (H, 1) slopes. Scales keep attention and logits far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    d, V = cfg["n_embd"], cfg["vocab_size"]
+    inner = cfg["n_inner"] or 4 * d
+
+    def r(*shape, std, mean=0.0):
+        return mean + std * torch.randn(*shape, generator=g)
+    sd = {"transformer.wte.weight": r(V, d, std=0.2)}
+    for i in range(cfg["n_layer"]):
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = r(d, std=0.1, mean=1.0), r(d, std=0.1)
+        for name, n_in, n_out in (("attn.c_attn", d, 3 * d), ("attn.c_proj", d, d), ("mlp.c_fc", d, inner),
+                                  ("mlp.c_fc2", d, inner), ("mlp.c_proj", inner, d)):
+            std = 0.2 if name == "attn.c_attn" else 0.1  # sharper attention, moderate residual branches
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = r(n_in, n_out, std=std), r(n_out, std=0.05)
+    sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = r(d, std=0.1, mean=1.0), r(d, std=0.1)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    sd[HF_SLOPES] = torch.tensor(_slopes(cfg["n_head"]), dtype=torch.float32).view(-1, 1)
+    return sd
+
+
+def _reference(sd, cfg, ids):
+    """SPEC §1's forward, in float64, straight from the HF tensors (a Conv1D computes x·W + b): logits and HF's loss,
+    whose labels are the input ids shifted by one inside the model."""
+    f = {k: v.double() for k, v in sd.items()}
+    B, T = ids.shape
+    d, H = cfg["n_embd"], cfg["n_head"]
+    hd, eps = d // H, cfg["layer_norm_epsilon"]
+    power = 1.0 if cfg.get("mup_scale_qk_dot_by_d", False) else 0.5
+
+    def ln(x, p):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + eps) * f[p + ".weight"] + f[p + ".bias"]
+
+    def conv1d(x, p):
+        return x @ f[p + ".weight"] + f[p + ".bias"]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    alibi = -torch.tensor(_slopes(H), dtype=torch.float64)[:, None, None] * (i - j).abs()  # −m_h·|i − j|
+    h = cfg.get("mup_embeddings_scale", 1.0) * f["transformer.wte.weight"][ids]
+    for layer in range(cfg["n_layer"]):
+        p = f"transformer.h.{layer}."
+        qkv = conv1d(ln(h, p + "ln_1"), p + "attn.c_attn").split(d, -1)
+        q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv)
+        att = (q @ k.transpose(-1, -2) / hd ** power + alibi).masked_fill(j > i, float("-inf")).softmax(-1)
+        h = h + conv1d((att @ v).transpose(1, 2).reshape(B, T, d), p + "attn.c_proj")
+        x = ln(h, p + "ln_2")
+        h = h + conv1d(conv1d(x, p + "mlp.c_fc") * F.silu(conv1d(x, p + "mlp.c_fc2")), p + "mlp.c_proj")
+    scale = cfg.get("mup_output_alpha", 1.0) * cfg.get("mup_width_scale", 1.0)
+    logits = scale * (ln(h, "transformer.ln_f") @ f["transformer.wte.weight"].T)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+    return logits, loss
+
+
+def _ours(model, ids):
+    """Our logits and loss on HF's task: targets are the next ids, the last position ignored (−1)."""
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)
+    with torch.no_grad():
+        return model(ids, targets)
+
+
+def _write_hf(folder, sd, cfg, fmt):
+    """An HF checkpoint folder written without model.py: pytorch_model.bin, or two .bin shards with an index."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    if fmt == "bin":
+        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+    else:  # sharded: every key of layer 1 in the second shard
+        shards = {"pytorch_model-00001-of-00002.bin": {}, "pytorch_model-00002-of-00002.bin": {}}
+        weight_map = {}
+        for k, v in sd.items():
+            name = sorted(shards)[".h.1." in k]
+            shards[name][k], weight_map[k] = v, name
+        for name, part in shards.items():
+            torch.save(part, os.path.join(folder, name))
+        with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return str(folder)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hf_parity_with_spec_reference(tmp_path, name):
+    """fp32 logits and loss of a checkpoint loaded through from_pretrained agree with the float64 reference within
+    1e-5: fp32 rounding through 2 layers of width ≤ 64 is ~1e-6 here, while any semantic slip (a missing multiplier,
+    a wrong slope, an untransposed matrix) moves logits by 1e-2 or more (see the conv1d test)."""
+    cfg = CONFIGS[name]
+    sd = _random_hf(cfg, seed=1)
+    if name == "sp_6_heads":
+        del sd["lm_head.weight"], sd[HF_SLOPES]  # both optional, as in a safetensors save
+    model = GPT.from_pretrained(_write_hf(tmp_path / "ckpt", sd, cfg, "sharded" if name == "mup_sqrt_d" else "bin"))
+    c = model.config
+    assert (c.param, c.n_inner) == (("sp", 240) if name == "sp_6_heads" else ("mup", cfg["n_inner"]))
+    ids = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
+    logits, loss = _ours(model, ids)
+    ref_logits, ref_loss = _reference(sd, cfg, ids)
+    assert logits.dtype == torch.float32 and ref_logits.abs().max() > 1.0  # logits far from trivially small
+    assert (logits.double() - ref_logits).abs().max().item() < 1e-5
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    # in float64 the same checkpoint matches to rounding (measured ≤ 2e-14): the semantics are exact, the fp32 gap
+    # above is rounding only (the loss is computed from fp32-cast logits, hence its looser 1e-6)
+    logits64, loss64 = _ours(GPT.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float64), ids)
+    assert (logits64 - ref_logits).abs().max().item() < 1e-10 and abs(loss64.item() - ref_loss.item()) < 1e-6
+
+
+def test_hf_config_mapping_btlm_3b():
+    """SPEC §1's released config maps to the btlm-3b-8k preset with µP base width 256 (m_N = 10) and BTLM's α."""
+    hf = dict(n_embd=2560, n_layer=32, n_head=32, n_inner=6826, n_positions=8192, vocab_size=50257,
+              initializer_range=0.073, mup_width_scale=0.1, mup_embeddings_scale=14.6, mup_output_alpha=2.22,
+              mup_scale_qk_dot_by_d=True, activation_function="swiglu", position_embedding_type="alibi",
+              model_type="btlm", layer_norm_epsilon=1e-5)
+    c = config_from_hf(hf)
+    assert c == GPTConfig(block_size=8192, vocab_size=50257, n_layer=32, n_head=32, n_embd=2560, n_inner=6826,
+                          param="mup", d_base=256, sigma=0.073, alpha_in=14.6, alpha_out=2.22)
+    assert config_from_hf(MUP_SQRT).attn_scale_power == 0.5 and config_from_hf(BTLM_LIKE).attn_scale_power is None
+    # 3 heads (not a power of two): the 2 power-of-two slopes 2^-4, 2^-8, then 2^-2 from the 4-head set
+    assert _slopes(3) == [2 ** -4, 2 ** -8, 2 ** -2]
+    assert _slopes(6) == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
+
+
+def test_hf_round_trip_is_exact(tmp_path):
+    """HF dict → GPT → HF dict returns every tensor bit for bit and the same config values; save_pretrained →
+    from_pretrained returns the same GPTConfig, bit-identical parameters and bit-identical logits."""
+    sd = _random_hf(BTLM_LIKE, seed=3)
+    model = GPT.from_hf_state_dict(sd, BTLM_LIKE)
+    back = model.to_hf_state_dict()
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
+    hf = model.to_hf_config()
+    assert {k: hf[k] for k in BTLM_LIKE} == BTLM_LIKE
+    model.save_pretrained(tmp_path / "saved")
+    assert sorted(os.listdir(tmp_path / "saved")) == ["config.json", "model.safetensors"]  # no temporary left
+    again = GPT.from_pretrained(str(tmp_path / "saved"))
+    assert again.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert again.lm_head.weight is again.transformer.wte.weight and again.num_params() == model.num_params()
+    # Conv1D matrices are transposed copies, never strided views (those make CPU bf16 matmuls ~18x slower)
+    assert all(p.is_contiguous() for p in list(model.parameters()) + list(again.parameters()))
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(_ours(model, ids)[0], _ours(again, ids)[0])
+    # the weights were copied: training the loaded model leaves the caller's dict alone
+    assert model.transformer.h[0].ln_1.bias.data_ptr() != sd["transformer.h.0.ln_1.bias"].data_ptr()
+
+
+def test_hf_linear_layout_and_the_conv1d_flag(tmp_path):
+    """A checkpoint with nn.Linear (out, in) matrices loads with conv1d=False (non-square ones are found by shape
+    either way); reading its square attn.c_proj as a Conv1D instead changes the logits by far more than 1e-5."""
+    cfg = MUP_SQRT
+    sd = _random_hf(cfg, seed=5)
+    linear = {k: (v.t().contiguous() if v.dim() == 2 and ".h." in k else v) for k, v in sd.items()}
+    ids = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(6))
+    ref_logits, _ = _reference(sd, cfg, ids)
+    right = _ours(GPT.from_hf_state_dict(linear, cfg, conv1d=False), ids)[0]
+    wrong = _ours(GPT.from_hf_state_dict(linear, cfg, conv1d=True), ids)[0]
+    assert (right.double() - ref_logits).abs().max().item() < 1e-5
+    assert (wrong.double() - ref_logits).abs().max().item() > 1e-2
+
+
+def test_hf_safetensors_bytes_bf16_and_training(tmp_path):
+    """The safetensors reader decodes a file built byte by byte from the format; a bf16 load keeps fp32 slopes and
+    matches the fp32 loss within bf16 precision; a memory-mapped fp32 load trains without touching the file."""
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "BF16", "shape": [1, 2], "data_offsets": [8, 12]}}).encode()
+    raw = struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1.5, -2.0) + bytes([0x80, 0x3f, 0x40, 0xc0])
+    (tmp_path / "t.safetensors").write_bytes(raw)
+    t = _load_safetensors(str(tmp_path / "t.safetensors"))
+    assert t["a"].tolist() == [1.5, -2.0] and t["b"].dtype == torch.bfloat16 and t["b"].tolist() == [[1.0, -3.0]]
+
+    folder = tmp_path / "saved"
+    GPT.from_hf_state_dict(_random_hf(BTLM_LIKE, seed=7), BTLM_LIKE).save_pretrained(folder)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(8))
+    fp32, bf16 = GPT.from_pretrained(str(folder)), GPT.from_pretrained(str(folder), dtype=torch.bfloat16)
+    assert bf16.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    assert bf16.transformer.h[0].attn.slopes.dtype == torch.float32  # ALiBi bias stays fp32 (SPEC §1)
+    # bf16 weights and activations: ~2^-8 relative per op; the loss (≈ 5) moves by < 0.05
+    assert abs(_ours(fp32, ids)[1].item() - _ours(bf16, ids)[1].item()) < 0.05
+
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    opt = fp32.configure_optimizers(lr=1e-2, weight_decay=0.1)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(fp32.parameters()))  # tied: counted once
+    before = fp32.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    loss = fp32(ids, ids)[1]
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, fp32.transformer.h[0].mlp.c_fc.weight)
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == digest
+
+
+def test_hf_hub_download_path(tmp_path, monkeypatch):
+    """A repo id goes through huggingface_hub.snapshot_download (a stub here: this machine is offline); safetensors
+    are asked for first and the pickled weights only when the repo has none. Without the package: one sentence."""
+    remote = _write_hf(tmp_path / "remote", _random_hf(SP, seed=9), SP, "bin")
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        import fnmatch
+        import shutil
+        calls.append((repo_id, tuple(allow_patterns)))
+        local = tmp_path / f"cache{len(calls)}"
+        local.mkdir()
+        for f in os.listdir(remote):
+            if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
+                shutil.copy(os.path.join(remote, f), local / f)
+        return str(local)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    model = GPT.from_pretrained("someone/btlm-tiny")
+    assert [c[0] for c in calls] == ["someone/btlm-tiny"] * 2
+    assert "*.safetensors" in calls[0][1] and "pytorch_model*.bin" in calls[1][1]
+    assert model.config.n_head == 6
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
+    with pytest.raises(ModelError, match="pip install huggingface_hub"):
+        GPT.from_pretrained("cerebras/btlm-3b-8k-base")
+
+
+def _error(fn):
+    with pytest.raises(ModelError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.strip()
+    return msg
+
+
+def test_hf_errors_name_the_key(tmp_path):
+    """Every bad checkpoint or config is one ModelError sentence naming the offending key, value or file."""
+    cfg, sd = BTLM_LIKE, _random_hf(BTLM_LIKE)
+
+    def load(sd=sd, **cfg_changes):
+        return lambda: GPT.from_hf_state_dict(sd, {**cfg, **cfg_changes})
+    missing = {k: v for k, v in sd.items() if k != "transformer.h.1.mlp.c_fc2.bias"}
+    assert "transformer.h.1.mlp.c_fc2.bias" in _error(load(missing))
+    extra = {**sd, "transformer.h.0.attn.q_norm.weight": torch.ones(3)}
+    assert "transformer.h.0.attn.q_norm.weight" in _error(load(extra))
+    bad = {**sd, "transformer.h.0.mlp.c_fc.weight": torch.zeros(48, 101)}
+    assert "transformer.h.0.mlp.c_fc.weight has shape (48, 101)" in _error(load(bad))
+    assert "activation_function is 'gelu_new'" in _error(load(activation_function="gelu_new"))
+    no_pe = {k: v for k, v in cfg.items() if k != "position_embedding_type"}
+    assert "position_embedding_type is missing" in _error(lambda: GPT.from_hf_state_dict(sd, no_pe))
+    assert "model_type is 'gpt2'" in _error(load(model_type="gpt2"))
+    assert "alibi_scaling" in _error(load(alibi_scaling={"type": "linear", "factor": 2.0}))
+    assert "n_head is '3'" in _error(load(n_head="3"))
+    no_d = {k: v for k, v in cfg.items() if k != "n_embd"}
+    assert "n_embd is missing" in _error(lambda: GPT.from_hf_state_dict(sd, no_d))
+    # slopes stored by the plain 2^(−8h/H) formula, wrong for 3 heads, are caught and printed
+    wrong = {**sd, HF_SLOPES: torch.tensor([2.0 ** (-8 * h / 3) for h in (1, 2, 3)]).view(-1, 1)}
+    assert _error(load(wrong)).startswith(HF_SLOPES + " holds ALiBi slopes [0.15749")
+    untied = {**sd, "lm_head.weight": sd["transformer.wte.weight"] + 1e-3}
+    assert "lm_head.weight differs" in _error(load(untied))
+    # GPT-2's causal-mask buffers are ignored
+    buffers = {**sd, "transformer.h.0.attn.bias": torch.ones(1, 1, 8, 8),
+               "transformer.h.0.attn.masked_bias": torch.tensor(-1e4)}
+    assert GPT.from_hf_state_dict(buffers, cfg).config.n_head == 3
+    # folders and files
+    assert "config.json" in _error(lambda: GPT.from_pretrained(str(tmp_path)))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert "neither model.safetensors nor pytorch_model.bin" in _error(lambda: GPT.from_pretrained(str(tmp_path)))
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    assert "model.safetensors is not a readable safetensors file" in _error(lambda: GPT.from_pretrained(str(tmp_path)))
+    os.remove(tmp_path / "model.safetensors")
+    folder = _write_hf(tmp_path / "ck", missing, cfg, "bin")
+    assert _error(lambda: GPT.from_pretrained(folder)) == \
+        f"{folder}: the checkpoint is missing transformer.h.1.mlp.c_fc2.bias"
+    assert "neither a folder" in _error(lambda: GPT.from_pretrained(str(tmp_path / "no" / "such" / "dir")))
+    # CompleteP's 1/m_L has no BTLM key: saving fails before writing anything
+    deep = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=50, param="completep", L_base=2))
+    assert "CompleteP" in _error(lambda: deep.save_pretrained(tmp_path / "cp"))
+    assert not (tmp_path / "cp").exists()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-rs", "-p", "no:cacheprovider"] + sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""Shared helpers for the reproduction scripts: run train.py in-process unless the run is already finished,
+read a run's log, write results JSON and PNG plots. Every experiment script is resumable through `train_run`."""
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+QUICK = "--quick" in sys.argv[1:]   # a smoke test: its own folders, so it never mixes with the real runs
+RUNS = os.path.join(HERE, "runs_quick" if QUICK else "runs")
+RESULTS = os.path.join(HERE, "results_quick" if QUICK else "results")
+sys.path.insert(0, ROOT)
+os.chdir(ROOT)  # train.py resolves data_dir="data" relative to the repo root
+
+import torch  # noqa: E402
+
+# 1 thread: on this shared 2-core machine a tiny model ran 3-8x faster with 1 thread than with 2 (measured)
+torch.set_num_threads(1)
+import model  # noqa: E402
+import train  # noqa: E402
+
+# Work around a model.py bug: get_preset() uses dataclasses.replace on the "tiny" preset, whose n_inner was already
+# resolved to floor(8/3·128) = 341 by __post_init__, so --n_embd=X keeps a 341-wide SwiGLU at every width.
+# Clearing the preset's n_inner makes replace() recompute floor(8/3·n_embd) for the width asked for.
+model.PRESETS["tiny"].n_inner = 0
+
+
+def read_run(run_dir):
+    """(config, training lines, eval lines) of a run directory."""
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    lines = [json.loads(l) for l in open(os.path.join(run_dir, "log.jsonl")) if l.strip()]
+    return cfg, [l for l in lines if "loss" in l], [l for l in lines if "val" in l]
+
+
+def finished(run_dir):
+    """A run is finished when its log ends with the eval line of its last step T."""
+    try:
+        cfg, _, evals = read_run(run_dir)
+    except (OSError, ValueError):
+        return False
+    return bool(evals) and evals[-1]["step"] == cfg["T"] and bool(train.checkpoints(run_dir))
+
+
+def train_run(name, quiet=True, patch=None, **flags):
+    """Train experiments/runs/<name> with train.py's --key=value flags unless it is finished; a run that
+    stopped part-way resumes from its last checkpoint. patch: optional callable run around train.main (used by
+    the fault-injection run). Returns the run directory."""
+    out = os.path.join(RUNS, name)
+    if finished(out):
+        return out
+    if train.checkpoints(out):
+        argv = [f"--out_dir={out}", "--init_from=resume"] + ([f"--collapse_ref={flags['collapse_ref']}"]
+                                                              if "collapse_ref" in flags else [])
+    else:
+        flags.setdefault("sample_tokens", 0)
+        argv = [f"--out_dir={out}"] + [f"--{k}={v}" for k, v in flags.items()]
+    t0 = time.time()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf if quiet else sys.stdout), contextlib.redirect_stderr(buf if quiet else sys.stderr):
+        train.main(argv)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    alerts = [l for l in buf.getvalue().splitlines() if "collapse monitor" in l]
+    print(f"  trained {name}: N={cfg['N']:,} D={cfg['D']:,} in {time.time() - t0:.0f}s" +
+          (f" ({len(alerts)} monitor alerts)" if alerts else ""), flush=True)
+    return out
+
+
+def save_json(name, obj):
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def savefig(fig, name):
+    import matplotlib.pyplot as plt
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name + ".png")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+    return pyplot
+
+
+def quick():
+    return QUICK
+
+
+# non-embedding parameters of the depth-2 width family below (measured with the n_inner fix above)
+FAMILY_N = {16: 6568, 24: 14560, 32: 25492, 48: 56768}
+
+
+def family_flags(w, seed, tpp, lr=2 ** -6, **extra):
+    """The Celerity-style recipe of experiments 3-5 at width w: depth 2, CompleteP (d_base 16, L_base 2), prose,
+    TPP fixed, linear decay to zero with 10% warmup, one batch of 1,024 tokens (8 × 128) at every size so that even
+    the smallest run has ≈100+ steps; pass tau="opt" for τ = τ_opt(TPP) or weight_decay=λ for a fixed λ."""
+    T = int(tpp * FAMILY_N[w] / 1024) + 1
+    f = dict(n_layer=2, n_head=4, n_embd=w, param="completep", d_base=16, L_base=2, lr=lr, tpp=tpp,
+             batch_tokens=1024, seq_len_schedule=128, schedule="d2z", warmup=0.1, data="prose",
+             eval_batches=16, seed=seed, log_interval=max(1, T // 200), eval_interval=max(1, T // 4))
+    f.update(extra)
+    return f

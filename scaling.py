@@ -1,0 +1,652 @@
+"""
+Scaling laws: fit them, score their forecasts, and plan with them. Stands alone (numpy + torch).
+
+    python scaling.py fit --law=chinchilla --data=points.csv [--bootstrap=200] [--json] [--plot=fit.png]
+    python scaling.py optimal --fit=fit.json --compute=1e21
+    python scaling.py cpt --data=runs.csv|<run dirs> --train_ptpp=15,31 --test_ptpp=279 [--save=fits.json]
+    python scaling.py plan --fit=fits.json --law=ptpp_transfer --N=1e6 --ptpp=279 --target_loss=2.1 \
+        --max_forgetting=0.05 [--max_compute=1e15]
+
+A law is a torch function giving log L from named inputs (tensors of shape (P,)) and named parameters
+(tensors of shape (S, 1), one row per start of the initialisation grid). A parameter called log_X is
+reported as X = exp(log_X), which keeps coefficients positive. Fitting minimises, for each start, the
+SUM over points of Huber_delta(log L_hat - log L), delta = 1e-3 (SPEC §5, Besiroglu et al. 2024), in
+float64 with a batched L-BFGS that runs every start at once, each with its own memory and line search.
+
+Input files. `fit` reads a CSV with one column per law input plus `loss` (chinchilla: N, D, loss;
+powerlaw: x, loss; dcpt: N, D, r, loss; ptpp_*: N, D, r, ptpp, loss). `cpt` reads CPT runs, either a
+CSV with one row per run and columns
+    N (base model params), ptpp (base pre-training tokens / N), D (CPT tokens), replay (fraction of CPT
+    tokens that replay the base domain), target_loss, base_loss (after CPT), and optionally
+    target_loss_before, base_loss_before (the base model before CPT; needed for MAE_rel),
+or run directories (config.json with a "cpt" block + log.jsonl; the eval at step 0 gives the "before"
+losses, the last eval the "after" losses; a folder of run directories works too).
+"""
+import csv
+import itertools
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DELTA = 1e-3  # Huber delta on log residuals (Hoffmann et al. 2022; Besiroglu et al. 2024)
+
+
+class ScalingError(Exception):
+    """A problem with the user's input, reported as one sentence."""
+
+
+# -----------------------------------------------------------------------------
+# laws: log L_hat = fn(x, p); x: inputs (P,), p: parameters (S, 1); result (S, P)
+
+def _lse(*terms):  # log(sum(exp(terms))); chained logaddexp measured 1.6x faster than stack + logsumexp
+    out = terms[0]
+    for t in terms[1:]:
+        out = torch.logaddexp(out, t)
+    return out
+
+def _log(v):
+    return torch.log(v.clamp_min(1e-30))  # mixture shares may be 0: r^eta -> 0, log stays finite
+
+def chinchilla(x, p):
+    """L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022, Approach 3)."""
+    return _lse(p["log_E"], p["log_A"] - p["alpha"] * torch.log(x["N"]), p["log_B"] - p["beta"] * torch.log(x["D"]))
+
+def powerlaw(x, p):
+    """L(x) = L0 + a * x^(-b): one-variable law, e.g. final loss against compute (Qiu et al. 2025)."""
+    return _lse(p["log_L0"], p["log_a"] - p["b"] * torch.log(x["x"]))
+
+def dcpt(x, p):
+    """D-CPT law (Que et al. 2024): L(N, D, r) = E + A/N^alpha + B r^eta / D^beta + C/(r + eps)^gamma.
+
+    r is the mixture share OF THE DOMAIN BEING MODELLED: for the target-domain loss r = 1 - replay,
+    for the base-domain loss r = replay (SPEC §4). eps = exp(log_eps) > 0 is fitted. No PTPP input:
+    this is the PTPP-agnostic baseline, applied unchanged at a PTPP it never saw."""
+    r = x["r"]
+    return _lse(p["log_E"], p["log_A"] - p["alpha"] * torch.log(x["N"]),
+                p["log_B"] + p["eta"] * _log(r) - p["beta"] * torch.log(x["D"]),
+                p["log_C"] - p["gamma"] * torch.log(r + torch.exp(p["log_eps"])))
+
+def ptpp_power(x, p):
+    """OUR PTPP-aware form (a): D-CPT whose data and mixture coefficients are power laws of PTPP P.
+
+        L(N, D, r, P) = E + A/N^alpha + B P^nu r^eta / D^beta + C P^mu / (r + eps)^gamma
+
+    Derivation. D-CPT is fitted at one pre-training budget, so B and C silently absorb how much the
+    base model already knows about the domain. Letting each be a power of P is the smallest change that
+    (i) reduces to D-CPT exactly at nu = mu = 0, (ii) keeps every term positive, and (iii) is pinned
+    down by two training PTPPs: at fixed (N, D, r) log(L - E - A/N^alpha) splits into two terms that
+    are each linear in log P, so two PTPPs fix nu and mu and the law extrapolates along that line.
+    E and A/N^alpha stay PTPP-free: the floor and the capacity term belong to the architecture and
+    data, not to how long the base model trained. (Our design; the paper's equations are not public.)"""
+    lP = torch.log(x["ptpp"])
+    r = x["r"]
+    return _lse(p["log_E"], p["log_A"] - p["alpha"] * torch.log(x["N"]),
+                p["log_B"] + p["nu"] * lP + p["eta"] * _log(r) - p["beta"] * torch.log(x["D"]),
+                p["log_C"] + p["mu"] * lP - p["gamma"] * torch.log(r + torch.exp(p["log_eps"])))
+
+def ptpp_transfer(x, p):
+    """OUR PTPP-aware form (b): effective transferred data plus forgetting.
+
+        L = E + A/N^alpha + B / D_eff^beta + F ((1 - r) D / (P N))^phi,
+        D_eff = r D + k (P N)^kappa
+
+    Derivation. Treat the modelled domain's loss as a Chinchilla data term at an effective number of
+    in-domain tokens. CPT supplies r D of them (r = share of the modelled domain, as in dcpt); the
+    P N pre-training tokens supply k (P N)^kappa, the "effective data transferred" of Hernandez et al.
+    2021 (their D_T = k D_F^alpha). For the base domain itself k ~ 1, kappa ~ 1; for a new target
+    domain k << 1. The other domain's (1 - r) D tokens interfere: forgetting grows as a power of those
+    tokens measured in units of the pre-training tokens, since a model that has seen more data moves
+    less per new token. Reductions: at D = 0 the law is the pre-CPT loss
+    L0(N, P) = E + A/N^alpha + B/(k (P N)^kappa)^beta, explicit in PTPP (the base-anchored view of
+    SPEC §4c); with k = kappa = 1 it is Chinchilla's L(N, P N) for the base domain; as P grows, CPT
+    gains and forgetting both shrink. Nine parameters, each with its own role, so two PTPPs and a few
+    sizes pin them. (Our design; the paper's equations are not public.)"""
+    lN, lP, r = torch.log(x["N"]), torch.log(x["ptpp"]), x["r"]
+    log_Deff = _lse(_log(r) + torch.log(x["D"]), p["log_k"] + p["kappa"] * (lP + lN))
+    foreign = _log(1 - r) + torch.log(x["D"]) - lP - lN
+    return _lse(p["log_E"], p["log_A"] - p["alpha"] * lN, p["log_B"] - p["beta"] * log_Deff,
+                p["log_F"] + p["phi"] * foreign)
+
+
+@dataclass
+class Law:
+    fn: object
+    inputs: tuple
+    grid: dict  # parameter -> initial values; starts are the Cartesian product
+
+_CPT_GRID = dict(log_E=[-1.0, 0.0, 1.0], log_A=[0.0, 5.0, 10.0], alpha=[0.3, 1.0], log_B=[0.0, 5.0, 10.0],
+                 beta=[0.3, 1.0])
+LAWS = {
+    # SPEC §5: alpha, beta in {0, .5, .., 2}, e in {-1, -.5, .., 1}, a, b in {0, 5, .., 25}: 4,500 starts
+    "chinchilla": Law(chinchilla, ("N", "D"), dict(
+        log_E=np.arange(-1, 1.01, 0.5), log_A=np.arange(0, 26, 5.0), log_B=np.arange(0, 26, 5.0),
+        alpha=np.arange(0, 2.01, 0.5), beta=np.arange(0, 2.01, 0.5))),
+    "powerlaw": Law(powerlaw, ("x",), dict(log_L0=[-1.0, 0.0, 1.0], log_a=np.arange(0, 26, 5.0),
+                                             b=[0.1, 0.3, 0.6, 1.0])),
+    "dcpt": Law(dcpt, ("N", "D", "r"), dict(_CPT_GRID, eta=[0.0, 1.0], log_C=[-3.0, 0.0], gamma=[0.5, 1.5],
+                                             log_eps=[-3.0, 0.0])),
+    "ptpp_power": Law(ptpp_power, ("N", "D", "r", "ptpp"), dict(_CPT_GRID, eta=[0.0, 1.0], nu=[0.0],
+                      log_C=[-3.0, 0.0], gamma=[0.5, 1.5], mu=[0.0], log_eps=[-3.0, 0.0])),
+    "ptpp_transfer": Law(ptpp_transfer, ("N", "D", "r", "ptpp"), dict(_CPT_GRID, log_k=[-5.0, 0.0],
+                         kappa=[0.5, 1.0], log_F=[-5.0, -1.0], phi=[0.5, 1.0])),
+}
+CPT_LAWS = ("dcpt", "ptpp_power", "ptpp_transfer")
+
+
+def _law(name):
+    if name not in LAWS:
+        raise ScalingError(f"unknown law {name!r}; known laws: {', '.join(LAWS)}")
+    return LAWS[name]
+
+def _public(raw):
+    """log_X -> X = exp(log_X); other parameters are reported as they are."""
+    return {(k[4:] if k.startswith("log_") else k): (math.exp(v) if k.startswith("log_") else v) for k, v in raw.items()}
+
+def _raw(law, public):
+    out = {}
+    for k in law.grid:
+        pub = k[4:] if k.startswith("log_") else k
+        if pub not in public:
+            raise ScalingError(f"fit is missing parameter {pub!r}")
+        out[k] = math.log(public[pub]) if k.startswith("log_") else float(public[pub])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the batched fitter
+
+def _lbfgs(f, x, max_iter=1000, m=15, ftol=1e-9, gtol=1e-12):
+    """Minimise S independent problems at once. f(z, rows) -> (len(rows),) losses, row i of z only
+    affecting loss i. Every start keeps its own L-BFGS memory and its own backtracking (Armijo) line
+    search, so a start that diverges or stalls never steers the others; finished starts leave the
+    working arrays, so late iterations only pay for the starts still moving. Stopping rule as SciPy's
+    L-BFGS-B's but relative to |f| (the summed Huber can be 1e-7 on clean data): an iteration gains
+    less than ftol * |f|, or max |gradient| <= gtol. Memory m = 15: on the 9-11 parameter CPT laws
+    m = 10 took twice the iterations, m = 20 no fewer."""
+    def fg(z, rows):
+        z = z.detach().requires_grad_(True)
+        v = f(z, rows)
+        g, = torch.autograd.grad(v.sum(), z)
+        bad = ~torch.isfinite(v) | ~torch.isfinite(g).all(1)  # the line search sees "no decrease"
+        return v.detach().masked_fill(bad, math.inf), g.masked_fill(bad[:, None], 0.0)
+    S, K = x.shape
+    rows = torch.arange(S)
+    fx, g = fg(x, rows)
+    X, FX = x.clone(), fx.clone()  # results; a start whose initial loss is not finite never moves
+    live = torch.isfinite(fx)
+    x, fx, g, rows = x[live], fx[live], g[live], rows[live]
+    s_mem, y_mem, rho = x.new_zeros(len(x), m, K), x.new_zeros(len(x), m, K), x.new_zeros(len(x), m)
+    gamma = 1.0 / g.abs().sum(1).clamp_min(1.0)  # first step: at most unit length, as torch's LBFGS
+    for it in range(max_iter):
+        if len(rows) == 0:
+            break
+        # two-loop recursion (Nocedal & Wright 2006, Alg. 7.4), batched; a slot whose curvature pair
+        # was rejected has rho = 0 and so acts as the identity
+        q, alphas = g.clone(), {}
+        slots = [(it - 1 - j) % m for j in range(min(it, m))]  # newest first
+        for k in slots:
+            alphas[k] = rho[:, k] * (s_mem[:, k] * q).sum(1)
+            q -= alphas[k][:, None] * y_mem[:, k]
+        d = gamma[:, None] * q
+        for k in reversed(slots):
+            d += s_mem[:, k] * (alphas[k] - rho[:, k] * (y_mem[:, k] * d).sum(1))[:, None]
+        gd = -(g * d).sum(1)
+        uphill = gd >= 0  # lost curvature: fall back to steepest descent
+        d = torch.where(uphill[:, None], g, d).neg()
+        gd = torch.where(uphill, -(g * g).sum(1), gd)
+        # backtracking line search, each start with its own step t
+        t, xn = torch.ones_like(gd), x + d
+        fn, gn = fg(xn, rows)
+        ok = fn <= fx + 1e-4 * gd
+        for _ in range(40):
+            todo = (~ok).nonzero().squeeze(1)
+            if len(todo) == 0:
+                break
+            t[todo] *= 0.5
+            xn[todo] = x[todo] + t[todo, None] * d[todo]
+            fn[todo], gn[todo] = fg(xn[todo], rows[todo])
+            ok[todo] = fn[todo] <= fx[todo] + 1e-4 * t[todo] * gd[todo]
+        s, y = xn - x, gn - g
+        sy, yy = (s * y).sum(1), (y * y).sum(1)
+        good = ok & (sy > 1e-12 * yy.sqrt() * s.norm(dim=1))
+        s_mem[:, it % m], y_mem[:, it % m] = s * good[:, None], y * good[:, None]
+        rho[:, it % m] = torch.where(good, 1.0 / sy.where(good, 1.0), 0.0)
+        gamma = torch.where(good, sy / yy.where(good, 1.0), gamma)
+        small = (fx - fn <= ftol * torch.maximum(fx.abs(), fn.abs())) | (gn.abs().amax(1) <= gtol)
+        x, fx, g = torch.where(ok[:, None], xn, x), torch.where(ok, fn, fx), torch.where(ok[:, None], gn, g)
+        done = ~ok | small  # no decrease found, or converged
+        if done.any():
+            X[rows[done]], FX[rows[done]] = x[done], fx[done]
+            x, fx, g, rows, s_mem, y_mem, rho, gamma = (v[~done] for v in (x, fx, g, rows, s_mem, y_mem, rho, gamma))
+    X[rows], FX[rows] = x, fx
+    return X, FX
+
+
+def huber_on_log(pred, actual, delta=DELTA):
+    """SPEC §4: mean over points of Huber_delta(log L_hat - log L)."""
+    r = torch.as_tensor(np.log(pred) - np.log(actual), dtype=torch.float64)
+    return float(F.huber_loss(r, torch.zeros_like(r), delta=delta, reduction="mean"))
+
+
+def _columns(law, columns, loss):
+    """Check a law's inputs and the losses; return float64 tensors."""
+    n = len(np.atleast_1d(loss))
+    for k in law.inputs:
+        if k not in columns:
+            raise ScalingError(f"missing column {k!r}; this law needs {', '.join(law.inputs)}")
+    return {k: torch.tensor(_check(k, columns[k], n)) for k in law.inputs}, torch.tensor(_check("loss", loss, n))
+
+def _check(name, v, n):
+    """Values must be finite, and positive, or in [0, 1] for mixture shares."""
+    v = np.atleast_1d(np.asarray(v, dtype=np.float64))
+    if len(v) != n:
+        raise ScalingError(f"column {name!r} has {len(v)} values but the loss has {n}")
+    share = name in ("r", "replay")
+    bad = np.flatnonzero(~np.isfinite(v) | (((v < 0) | (v > 1)) if share else (v <= 0)))
+    if len(bad):
+        need = "in [0, 1]" if share else "positive"
+        raise ScalingError(f"column {name!r} must be finite and {need}, but row {bad[0] + 1} is {v[bad[0]]}")
+    return v
+
+
+@dataclass
+class Fit:
+    law: str
+    params: dict  # reported names: E, A, alpha, ...
+    loss: float  # summed Huber on log residuals at the optimum
+    n: int  # number of points fitted
+    ci: dict = field(default=None)  # parameter -> [2.5%, 97.5%] bootstrap percentiles
+
+    def predict(self, **inputs):
+        law = _law(self.law)
+        x = {k: torch.as_tensor(np.asarray(inputs[k], dtype=np.float64)).reshape(-1)
+             for k in law.inputs if k in inputs}
+        if len(x) < len(law.inputs):
+            raise ScalingError(f"law {self.law} needs inputs {', '.join(law.inputs)}")
+        p = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in _raw(law, self.params).items()}
+        return torch.exp(law.fn(x, p))[0].numpy()
+
+    def to_json(self):
+        return dict(law=self.law, params=self.params, ci=self.ci, loss=self.loss, n=self.n)
+
+    @classmethod
+    def from_json(cls, d):
+        if not isinstance(d, dict) or "law" not in d or "params" not in d:
+            raise ScalingError("a fit must be a JSON object with 'law' and 'params'")
+        _raw(_law(d["law"]), d["params"])
+        return cls(d["law"], d["params"], d.get("loss", math.nan), d.get("n", 0), d.get("ci"))
+
+
+def fit_law(law_name, columns, loss, bootstrap=0, grid=None, seed=0):
+    """Fit a law to points: columns maps input names to arrays, loss is the observed loss.
+    grid overrides the law's initial grid (dict parameter -> values). bootstrap > 0 adds percentile CIs."""
+    law = _law(law_name)
+    x, y = _columns(law, columns, loss)
+    grid = grid or law.grid
+    names = list(law.grid)
+    if len(y) < len(names):
+        raise ScalingError(f"law {law_name} has {len(names)} parameters but only {len(y)} points were given")
+    logy = torch.log(y)
+
+    def objective(weights):  # weights: (S, P) point counts (bootstrap) or None
+        def f(z, rows):
+            h = F.huber_loss(law.fn(x, {k: z[:, i:i + 1] for i, k in enumerate(names)}),
+                             logy.expand(len(z), -1), delta=DELTA, reduction="none")
+            return (h if weights is None else h * weights[rows]).sum(1)
+        return f
+
+    starts = torch.tensor(list(itertools.product(*(grid[k] for k in names))), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    # one thread: on the shared 2-core dev machine two threads made the 4,500-start fit 6x slower
+    # (60 s vs 9 s), as the many small late batches pay thread synchronisation on every op
+    torch.set_num_threads(1)
+    try:
+        theta, val = _lbfgs(objective(None), starts)
+        best = int(torch.argmin(val))
+        if not math.isfinite(val[best]):
+            raise ScalingError(f"law {law_name} could not be fitted: every start gave a non-finite loss")
+        # polish the winner until no step decreases the loss: one start, so cheap, and needed because
+        # a flat valley (e.g. dcpt's C, gamma, eps) stops SciPy's rule early, 10% off in eps
+        theta, val = _lbfgs(objective(None), theta[best:best + 1], ftol=0.0, gtol=0.0)
+        ci = None
+        if bootstrap > 0:
+            # resampling points with replacement = weighting each point by its draw count; every
+            # replicate starts from the full-data optimum and all run as one batch (a local bootstrap)
+            g = np.random.default_rng(seed)
+            w = torch.tensor(g.multinomial(len(y), np.full(len(y), 1 / len(y)), size=bootstrap), dtype=torch.float64)
+            th, v = _lbfgs(objective(w), theta.repeat(bootstrap, 1), ftol=1e-13, gtol=0.0)
+            reps = [_public(dict(zip(names, r))) for r in th[torch.isfinite(v)].tolist()]
+            ci = {k: [float(np.percentile([r[k] for r in reps], q)) for q in (2.5, 97.5)] for k in reps[0]}
+    finally:
+        torch.set_num_threads(threads)
+    return Fit(law_name, _public(dict(zip(names, theta[0].tolist()))), float(val[0]), len(y), ci)
+
+
+def metrics(pred, actual, before=None):
+    """SPEC §4 metrics (our definitions): Huber-on-log (mean), MAE_rel = mean|L_hat - L| / mean|L -
+    L_before| (error relative to the adaptation gain; None without before), calibration slope (least-
+    squares slope of L on L_hat; ideal 1), RMSE, MAPE = 100 mean|L_hat - L| / L."""
+    p, a = np.asarray(pred, np.float64), np.asarray(actual, np.float64)
+    err, dp = p - a, p - p.mean()
+    gain = None if before is None else np.mean(np.abs(a - np.asarray(before, np.float64)))
+    return dict(huber_on_log=huber_on_log(p, a),
+                mae_rel=None if not gain else float(np.mean(np.abs(err)) / gain),
+                calibration_slope=float((dp * (a - a.mean())).sum() / (dp * dp).sum()) if (dp * dp).sum() > 0 else None,
+                rmse=float(np.sqrt(np.mean(err ** 2))),
+                mape=float(100 * np.mean(np.abs(err) / a)))
+
+
+# -----------------------------------------------------------------------------
+# input files
+
+CPT_COLUMNS = ("N", "ptpp", "D", "replay", "target_loss", "base_loss")
+CPT_BEFORE = ("target_loss_before", "base_loss_before")
+
+def read_csv(path, required, optional=()):
+    """The named numeric columns of a CSV file, checked value by value."""
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows, header = list(reader), reader.fieldnames or []
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScalingError(f"cannot read {path}: {e}")
+    missing = [c for c in required if c not in header]
+    if missing or not rows:
+        raise ScalingError(f"{path} has no column {missing[0]!r} (it has: {', '.join(header) or 'nothing'})"
+                           if missing else f"{path} has no data rows")
+    out = {}
+    for c in list(required) + [c for c in optional if c in header]:
+        for i, row in enumerate(rows):
+            try:
+                row[c] = float(row[c])
+            except (TypeError, ValueError):
+                raise ScalingError(f"{path}: column {c!r} row {i + 1} is {row[c]!r}, not a number")
+        try:
+            out[c] = _check(c, [row[c] for row in rows], len(rows))
+        except ScalingError as e:
+            raise ScalingError(f"{path}: {e}")
+    return out
+
+def _read_json(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ScalingError(f"cannot read {path}: {e}")
+
+def read_runs(path):
+    """CPT runs from one run directory or a folder of them (SPEC §7): config.json's "cpt" block gives
+    N, PTPP, replay and the domain names; log.jsonl's eval at step 0 the "before" losses and its last
+    eval the "after" losses."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        dirs = [path]
+    else:
+        dirs = sorted(os.path.join(path, d) for d in os.listdir(path) if os.path.exists(os.path.join(path, d, "config.json")))
+    rows = []
+    for d in dirs:
+        cfg = _read_json(os.path.join(d, "config.json"))
+        cpt = cfg.get("cpt") if isinstance(cfg, dict) else None
+        if not cpt:
+            if d == path:
+                raise ScalingError(f"{d} is not a CPT run (its config.json has no 'cpt' block)")
+            continue  # pre-training runs in a folder of runs are not CPT data
+        try:
+            with open(os.path.join(d, "log.jsonl")) as fh:
+                evals = [e for e in map(json.loads, filter(str.strip, fh)) if "val" in e]
+            after, before = [e for e in evals if e["step"] > 0], [e for e in evals if e["step"] == 0]
+            if not after:
+                raise ScalingError(f"{d}/log.jsonl has no eval after step 0, so the run has no final losses")
+            row = dict(N=cpt["base_N"], ptpp=cpt["base_ptpp"], D=cfg["D"], replay=cpt["replay"])
+            for key, dom in (("target_loss", cpt["target_domain"]), ("base_loss", cpt["base_domain"])):
+                row[key] = after[-1]["val"][dom]
+                if before:
+                    row[key + "_before"] = before[0]["val"][dom]
+        except (OSError, ValueError) as e:
+            raise ScalingError(f"cannot read {d}/log.jsonl: {e}")
+        except KeyError as e:
+            raise ScalingError(f"{d}: config.json or log.jsonl lacks {e.args[0]!r}")
+        rows.append(row)
+    if not rows:
+        raise ScalingError(f"{path} holds no CPT run directories")
+    return {k: _check(k, [r.get(k, math.nan) for r in rows], len(rows)) for k in CPT_COLUMNS + CPT_BEFORE
+            if all(k in r for r in rows)}
+
+def load_cpt(spec):
+    """CPT runs from a comma-separated list of CSV files and run directories, as one table."""
+    parts = []
+    for path in spec.split(","):
+        if os.path.isdir(path):
+            parts.append(read_runs(path))
+        elif os.path.isfile(path):
+            parts.append(read_csv(path, CPT_COLUMNS, CPT_BEFORE))
+        else:
+            raise ScalingError(f"{path} is neither a CSV file nor a directory")
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if all(k in p for p in parts)}
+
+
+# -----------------------------------------------------------------------------
+# the CPT planner (SPEC §4)
+
+def _edge(passes, bad, good, iters=40):
+    """Bisect in log space between a failing and a passing D (arrays); return the passing end."""
+    for _ in range(iters):
+        mid = np.sqrt(bad * good)
+        ok = passes(mid)
+        good, bad = np.where(ok, mid, good), np.where(ok, bad, mid)
+    return good
+
+def plan(target, base, N, ptpp=None, target_loss=None, max_forgetting=math.inf, max_compute=None,
+         base_loss_before=None, n_r=1000):
+    """Choose the replay ratio r and CPT tokens D. With target_loss: the least compute C = 6 N D such
+    that target loss <= target_loss, forgetting <= max_forgetting (and C <= max_compute); without:
+    the least target loss with C <= max_compute and forgetting <= max_forgetting. target and base are
+    Fits of the target- and base-domain loss (share of the modelled domain: 1 - r and r). Returns the
+    best point and the frontier: for every r on a grid in [0, 1), the D chosen and what it gives."""
+    r = np.arange(n_r) / n_r
+    T = lambda D, rr=r: target.predict(N=N, D=D, r=1 - rr, ptpp=ptpp)
+    if base_loss_before is None:  # the base law's own pre-CPT loss, if it has one (D -> 0)
+        base_loss_before = float(base.predict(N=N, D=0.0, r=0.0, ptpp=ptpp)[0])
+        if not math.isfinite(base_loss_before):
+            raise ScalingError(f"law {base.law} has no finite loss before CPT (D = 0); give --base_loss_before")
+    forget = lambda D, rr=r: base.predict(N=N, D=D, r=rr, ptpp=ptpp) - base_loss_before
+    if target_loss is not None:  # least D per r meeting the target, on a log grid then by bisection
+        Dg = N * np.logspace(-3, 4, 71)  # CPT from 0.001 to 10,000 tokens per parameter
+        meets = T(np.tile(Dg, n_r), np.repeat(r, len(Dg))).reshape(n_r, -1) <= target_loss
+        i = np.where(meets.any(1), meets.argmax(1), -1)
+        D = np.where(i > 0, _edge(lambda d: T(d) <= target_loss, Dg[i - 1], Dg[i]), np.where(i == 0, Dg[0], np.nan))
+    else:  # largest D per r under the compute cap that keeps forgetting within budget
+        Dg = max_compute / (6 * N) * np.logspace(-7, 0, 71)
+        ok = forget(np.tile(Dg, n_r), np.repeat(r, len(Dg))).reshape(n_r, -1) <= max_forgetting
+        j = np.where(ok.any(1), len(Dg) - 1 - ok[:, ::-1].argmax(1), -1)
+        jn = np.minimum(j + 1, len(Dg) - 1)
+        D = np.where(j == len(Dg) - 1, Dg[-1], np.where(j >= 0, _edge(lambda d: forget(d) <= max_forgetting, Dg[jn], Dg[j]), np.nan))
+    with np.errstate(invalid="ignore"):
+        C, loss, fg = 6 * N * D, T(np.nan_to_num(D, nan=1.0)), forget(np.nan_to_num(D, nan=1.0))
+        loss, fg = np.where(np.isnan(D), np.nan, loss), np.where(np.isnan(D), np.nan, fg)
+        feasible = ~np.isnan(D) & (fg <= max_forgetting) & (C <= (max_compute or math.inf))
+    if not feasible.any():
+        raise ScalingError("no replay ratio and token budget meet these constraints under this law")
+    b = int(np.argmin(np.where(feasible, C if target_loss is not None else loss, np.inf)))
+    frontier = dict(r=r, D=D, compute=C, target_loss=loss, forgetting=fg, feasible=feasible)
+    best = {k: float(v[b]) for k, v in frontier.items() if k != "feasible"}
+    return dict(best=best, base_loss_before=base_loss_before, frontier={k: v.tolist() for k, v in frontier.items()})
+
+
+# -----------------------------------------------------------------------------
+# commands
+
+def _write(path, text):  # temporary name, then rename: nothing half-written looks complete
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+
+def _figure(ncols):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
+
+def _savefig(fig, path):
+    fig.savefig(path + ".tmp", format="png", dpi=120, bbox_inches="tight")
+    os.replace(path + ".tmp", path)
+
+def _json(obj):  # NaN is not JSON: report it as null
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {_json(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, list):
+        return "[" + ", ".join(map(_json, obj)) + "]"
+    return "null" if isinstance(obj, float) and not math.isfinite(obj) else json.dumps(obj)
+
+def _plot_pred(ax, pred, actual, label):
+    ax.scatter(actual, pred, s=12, label=label)
+    lo, hi = min(np.min(pred), np.min(actual)), max(np.max(pred), np.max(actual))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set(xlabel="actual loss", ylabel="predicted loss")
+
+def cmd_fit(law, data, bootstrap, json, plot):
+    if bootstrap < 0:
+        raise ScalingError(f"--bootstrap must be >= 0, got {bootstrap}")
+    cols = read_csv(data, _law(law).inputs + ("loss",))
+    fit = fit_law(law, cols, cols["loss"], bootstrap=bootstrap)
+    if json:  # this is also the file format `optimal` and `plan` read
+        print(_json(fit.to_json()))
+    else:
+        print(f"{law} fitted to {fit.n} points, summed Huber {fit.loss:.6g}")
+        for k, v in fit.params.items():
+            print(f"  {k:>6} = {v:.6g}" + (f"   95% CI [{fit.ci[k][0]:.4g}, {fit.ci[k][1]:.4g}]" if fit.ci else ""))
+    if plot:
+        fig, ax = _figure(1)
+        _plot_pred(ax[0, 0], fit.predict(**cols), cols["loss"], law)
+        _savefig(fig, plot)
+
+def cmd_optimal(fit, compute, json):
+    f = Fit.from_json(_read_json(fit))
+    if f.law != "chinchilla" or not compute > 0:
+        raise ScalingError(f"optimal needs a chinchilla fit ({fit} holds {f.law}) and a positive --compute")
+    a, b = f.params["alpha"], f.params["beta"]
+    G = (a * f.params["A"] / (b * f.params["B"])) ** (1 / (a + b))  # SPEC §5 (Hoffmann et al. 2022, Eq. 4)
+    N = G * (compute / 6) ** (b / (a + b))
+    D = compute / (6 * N)
+    out = dict(compute=compute, N=N, D=D, D_over_N=D / N, loss=float(f.predict(N=N, D=D)[0]))
+    print(_json(out) if json else "  ".join(f"{k}={v:.4g}" for k, v in out.items()))
+
+def cmd_cpt(data, train_ptpp, test_ptpp, save, json, plot):
+    runs = load_cpt(data)
+    near = lambda ps: np.any([np.abs(runs["ptpp"] - p) <= 0.01 * p for p in ps], axis=0)  # PTPPs match to 1%
+    for p in train_ptpp + test_ptpp:
+        if not near([p]).any():
+            raise ScalingError(f"no run in {data} has PTPP {p:g} (it has {', '.join(f'{v:g}' for v in np.unique(runs['ptpp']))})")
+    train, test = near(train_ptpp), near(test_ptpp)
+    report, fits, preds = {}, {}, {}
+    for law, loss in itertools.product(CPT_LAWS, ("target", "base")):
+        share = 1 - runs["replay"] if loss == "target" else runs["replay"]  # share of the modelled domain
+        cols = dict(N=runs["N"], D=runs["D"], r=share, ptpp=runs["ptpp"])
+        fit = fit_law(law, {k: v[train] for k, v in cols.items()}, runs[loss + "_loss"][train])
+        preds[law, loss] = fit.predict(**{k: v[test] for k, v in cols.items()})
+        before = runs[loss + "_loss_before"][test] if loss + "_loss_before" in runs else None
+        report.setdefault(law, {})[loss] = dict(metrics(preds[law, loss], runs[loss + "_loss"][test], before), params=fit.params)
+        fits.setdefault(law, {})[loss] = fit.to_json()
+    if save:  # the file `plan --fit=` reads
+        _write(save, _json(fits))
+    if json:
+        print(_json(dict(train_ptpp=train_ptpp, test_ptpp=test_ptpp, n_train=int(train.sum()), n_test=int(test.sum()), laws=report)))
+    else:
+        print(f"fit on PTPP {train_ptpp} ({train.sum()} runs), predict PTPP {test_ptpp} ({test.sum()} runs)")
+        print(f"{'law':<14} {'loss':<7} {'huber_log':>10} {'MAE_rel':>8} {'slope':>6} {'RMSE':>8} {'MAPE%':>6}")
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        for (law, loss), m in ((k, report[k[0]][k[1]]) for k in preds):
+            print(f"{law:<14} {loss:<7} {m['huber_on_log']:>10.3g} {fmt(m['mae_rel'], '.3f'):>8} "
+                  f"{fmt(m['calibration_slope'], '.2f'):>6} {m['rmse']:>8.4f} {m['mape']:>6.2f}")
+    if plot:
+        fig, axes = _figure(2)
+        for ax, loss in zip(axes[0], ("target", "base")):
+            for law in CPT_LAWS:
+                _plot_pred(ax, preds[law, loss], runs[loss + "_loss"][test], law)
+            ax.set_title(f"{loss} loss at PTPP {', '.join(f'{p:g}' for p in test_ptpp)}")
+            ax.legend()
+        _savefig(fig, plot)
+
+def cmd_plan(fit, law, N, ptpp, target_loss, max_forgetting, max_compute, base_loss_before, json, plot):
+    if len(fit.split(",")) == 2:  # two `fit --json` files: target law, base law
+        target, base = (Fit.from_json(_read_json(p)) for p in fit.split(","))
+    else:  # a bundle written by `cpt --save`
+        bundle = _read_json(fit)
+        if not isinstance(bundle, dict) or not isinstance(bundle.get(law), dict) or not {"target", "base"} <= bundle[law].keys():
+            raise ScalingError(f"{fit} is not a `cpt --save` file with law {law!r}; give that or two fit files")
+        target, base = Fit.from_json(bundle[law]["target"]), Fit.from_json(bundle[law]["base"])
+    if target_loss is None and max_compute is None:
+        raise ScalingError("plan needs --target_loss (least compute) or --max_compute (least loss)")
+    if not N > 0 or (ptpp is None and "ptpp" in _law(target.law).inputs + _law(base.law).inputs):
+        raise ScalingError(f"plan needs a positive --N and, for law {target.law}, the base model's --ptpp")
+    res = plan(target, base, N, ptpp, target_loss, max_forgetting, max_compute, base_loss_before)
+    b, fr = res["best"], res["frontier"]
+    if json:
+        print(_json(res))
+    else:
+        print(f"{'r':>5} {'D':>10} {'compute':>10} {'target':>8} {'forget':>8}")
+        for i in range(0, len(fr["r"]), len(fr["r"]) // 20):
+            print(f"{fr['r'][i]:>5.2f} {fr['D'][i]:>10.4g} {fr['compute'][i]:>10.4g} {fr['target_loss'][i]:>8.4f} "
+                  f"{fr['forgetting'][i]:>8.4f}" + ("" if fr["feasible"][i] else "  (infeasible)"))
+        print(f"best: replay r = {b['r']:.3f}, D = {b['D']:.4g} tokens, compute = {b['compute']:.4g} FLOPs, "
+              f"target loss {b['target_loss']:.4f}, forgetting {b['forgetting']:.4f}")
+    if plot:
+        fig, axes = _figure(2)
+        for ax, k in zip(axes[0], ("compute" if target_loss is not None else "target_loss", "forgetting")):
+            ax.plot(fr["r"], fr[k])
+            ax.plot([b["r"]], [b[k]], "r*", ms=12)
+            ax.set(xlabel="replay ratio r", ylabel=k, yscale="log" if k == "compute" else "linear")
+        if math.isfinite(max_forgetting):
+            axes[0, 1].axhline(max_forgetting, color="k", ls="--", lw=0.8)
+        _savefig(fig, plot)
+
+
+def _floats(s):
+    return [float(v) for v in s.split(",")]
+
+REQUIRED = object()
+COMMANDS = {  # command -> (function, {option: (type, default)})
+    "fit": (cmd_fit, dict(law=(str, REQUIRED), data=(str, REQUIRED), bootstrap=(int, 0), json=(bool, False),
+                          plot=(str, None))),
+    "optimal": (cmd_optimal, dict(fit=(str, REQUIRED), compute=(float, REQUIRED), json=(bool, False))),
+    "cpt": (cmd_cpt, dict(data=(str, REQUIRED), train_ptpp=(_floats, REQUIRED), test_ptpp=(_floats, REQUIRED),
+                          save=(str, None), json=(bool, False), plot=(str, None))),
+    "plan": (cmd_plan, dict(fit=(str, REQUIRED), law=(str, "ptpp_transfer"), N=(float, REQUIRED), ptpp=(float, None),
+                            target_loss=(float, None), max_forgetting=(float, math.inf), max_compute=(float, None),
+                            base_loss_before=(float, None), json=(bool, False), plot=(str, None))),
+}
+_TYPE_NAMES = {str: "text", int: "an integer", float: "a number", _floats: "a comma-separated list of numbers"}
+
+def main(argv):
+    """Run one command; a user error prints one sentence and returns 2."""
+    try:
+        if not argv or argv[0] not in COMMANDS:
+            raise ScalingError(f"the first argument must be one of the commands {', '.join(COMMANDS)}")
+        fn, spec = COMMANDS[argv[0]]
+        opts = {k: d for k, (t, d) in spec.items()}
+        for arg in argv[1:]:
+            key, _, val = arg[2:].partition("=")
+            if not arg.startswith("--") or key not in spec:
+                raise ScalingError(f"unknown option {arg!r} for {argv[0]}; valid keys: {', '.join(spec)}")
+            t = spec[key][0]
+            try:
+                opts[key] = {"": True, "true": True, "false": False}[val.lower()] if t is bool else t(val)
+            except (KeyError, ValueError):
+                raise ScalingError(f"--{key}={val} is not {'true or false' if t is bool else _TYPE_NAMES[t]}")
+        missing = [k for k, v in opts.items() if v is REQUIRED]
+        if missing:
+            raise ScalingError(f"{argv[0]} needs --{missing[0]}=...")
+        fn(**opts)
+    except ScalingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
