@@ -73,6 +73,8 @@ PRESETS = {
 def get_preset(name, **overrides):
     if name not in PRESETS:
         raise ModelError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if "n_embd" in overrides and "n_inner" not in overrides:
+        overrides["n_inner"] = 0  # re-derive floor(8/3·d) for the new width rather than keep the preset's
     return replace(PRESETS[name], **overrides)
 
 

@@ -159,6 +159,7 @@ def test_bad_model_configs_are_one_sentence_errors():
         GPTConfig(n_head=0)
     with pytest.raises(ModelError, match="unknown parameterisation 'ntk'"):
         GPTConfig(param="ntk")
+    assert get_preset("tiny", n_embd=32, n_head=2).n_inner == 85  # floor(8/3·32), not the preset's 341
     with pytest.raises(ModelError, match="unknown model preset 'gpt5'.*btlm-3b-8k"):
         get_preset("gpt5")
 
