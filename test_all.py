@@ -302,9 +302,10 @@ def test_pretraining_run_directory_and_falling_loss(corpora, tmp_path):
     assert len(train_mod.checkpoints(str(tmp_path / "a"))) == 2  # keep_last
 
 
-def test_resume_is_bit_identical(corpora, tmp_path):
+@pytest.mark.parametrize("stop_at", [5, 7])  # at an eval step, and between evals
+def test_resume_is_bit_identical(corpora, tmp_path, stop_at):
     full = train(corpora, tmp_path / "full", "--max_iters=12")
-    train(corpora, tmp_path / "part", "--max_iters=12", "--stop_at=7")
+    train(corpora, tmp_path / "part", "--max_iters=12", f"--stop_at={stop_at}")
     resumed = train(corpora, tmp_path / "part", "--init_from=resume")
     assert [r.get("loss") for r in full] == [r.get("loss") for r in resumed]   # exact, fp32 on CPU
     assert [r.get("val") for r in full] == [r.get("val") for r in resumed]

@@ -358,13 +358,13 @@ def main(argv):
         write_json(os.path.join(cfg.out_dir, "config.json"), run_info)
         # a resumed run drops log lines written after its checkpoint, so the log reads as one uninterrupted run
         lines = open(log_path).read().splitlines() if os.path.exists(log_path) and step else []
-        kept = [l for l in lines if json.loads(l)["step"] <= step and not (json.loads(l)["step"] == step and "val" in json.loads(l) and step)]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
         with open(log_path + ".tmp", "w") as f:
-            f.write("".join(l + "\n" for l in kept))
+            f.write("".join(line + "\n" for line in kept))
         os.replace(log_path + ".tmp", log_path)
         if monitor:  # replay the history so the monitor's fit of this run's scale is the same as without a break
-            for l in kept:
-                r = json.loads(l)
+            for line in kept:
+                r = json.loads(line)
                 if "loss" in r:
                     monitor.update(r["tokens"] / D, r["loss"])
         print(f"{cfg.out_dir}: N={N:,} non-embedding params, D={D:,} tokens ({D / N:.1f} TPP), {T} steps of "
@@ -444,10 +444,11 @@ def main(argv):
             log(rec)
             bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{tps:,.0f}")
             t0, tok_since = time.time(), 0
-        if step % cfg.eval_interval == 0 or step == T or step == cfg.stop_at:
+        if step % cfg.eval_interval == 0 or step == T:
             v = evaluate()
             log({"step": step, "tokens": step * cfg.batch_tokens, "val": v})
             bar.write(f"step {step}: " + ", ".join(f"val {d} {l:.4f}" for d, l in v.items()))
+        if step % cfg.eval_interval == 0 or step == T or step == cfg.stop_at:
             checkpoint()
             t0, tok_since = time.time(), 0
         if step == cfg.stop_at:
