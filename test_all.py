@@ -1233,6 +1233,15 @@ def test_hf_errors_name_the_key(tmp_path):
     assert not (tmp_path / "cp").exists()
 
 
+
+def test_fit_offset_keeps_the_floor_non_negative():
+    from collapse import fit_offset
+    sizes = [1e4, 3e4, 1e5, 3e5]
+    assert fit_offset(sizes, [1.5 + 2.0 * s ** -0.3 for s in sizes]) == pytest.approx(1.5, abs=1e-3)
+    # a loss falling linearly in log(size) has no floor: unconstrained least squares puts L0 at -24.5
+    finals = [3 - 0.3 * math.log10(s) for s in sizes]
+    assert fit_offset(sizes, finals) == 0.0
+
 # ----------------------------------------------------------------------------------------------------------------
 # scaling.py: the batched Huber-on-log fitter, Chinchilla, D-CPT and PTPP-aware laws, metrics, planner
 

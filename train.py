@@ -342,7 +342,8 @@ def main(argv):
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     peak = cfg.peak_flops or peak_flops_for(device, cfg.dtype)
     eval_T = b["schedule"][0][0]
-    val = {d: data_mod.val_batches(ds, eval_T, cfg.eval_batches, max(1, b["micro"] // eval_T), seed=cfg.seed)
+    # seed 0 for every run: runs of different seeds are scored on the same validation text
+    val = {d: data_mod.val_batches(ds, eval_T, cfg.eval_batches, max(1, b["micro"] // eval_T), seed=0)
            for d, ds in b["domains"].items()}
     run_info = dict(dataclasses.asdict(cfg), N=N, D=D, TPP=D / N, B=cfg.batch_tokens, T=T, tau=b["tau"],
                     n_layer=raw.config.n_layer, n_embd=raw.config.n_embd, n_head=raw.config.n_head,
