@@ -9,6 +9,7 @@ under µP activations are flat in width after updates, under SP they grow.
 """
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -19,10 +20,12 @@ WIDTHS = [32, 64, 128] if quick() else [32, 64, 128, 256]
 LOG2_LRS = [-9, -7, -5] if quick() else list(range(-10, -3))   # η = 2^k
 STEPS = 10 if quick() else 50
 PARAMS = ["sp", "mup"]
+SEEDS = [0] if quick() else [0, 1]   # init and data order; the best LR is taken on the mean over seeds
 
 t0 = time.time()
 # coordinate check: 10 steps at lr 1e-2 on a fixed batch (SPEC §2's protocol)
 coord = {}
+os.makedirs(RESULTS, exist_ok=True)   # mup.py writes the plot but does not create its folder
 for p in PARAMS:
     png = f"{RESULTS}/mutransfer_coord_{p}.png"
     out = subprocess.run([sys.executable, "mup.py", "coord", f"--param={p}", f"--widths={','.join(map(str, WIDTHS))}",
@@ -32,28 +35,32 @@ for p in PARAMS:
     print(f"coord {p}: slopes at last step " + ", ".join(f"{k} {v:+.2f}" for k, v in coord[p]["final_slopes"].items()))
 
 # LR sweep: 2-layer models, width d, µP base width 32, same data order and init seed for every run
-loss = {p: {w: {} for w in WIDTHS} for p in PARAMS}
+per_seed = {p: {w: {k: [] for k in LOG2_LRS} for w in WIDTHS} for p in PARAMS}
 N = {}
-for p in PARAMS:
-    for w in WIDTHS:
-        for k in LOG2_LRS:
-            name = f"mutransfer/{p}_w{w}_lr2e{k}"
-            try:
-                run = train_run(name, n_layer=2, n_head=4, n_embd=w, param=p, d_base=32, lr=2.0 ** k,
-                                max_iters=STEPS, batch_tokens=1024, seq_len_schedule=128, weight_decay=0.0,
-                                warmup=0.1, eval_interval=10_000, eval_batches=8, log_interval=5, seed=0)
-                cfg, lines, evals = read_run(run)
-                loss[p][w][k] = evals[-1]["val"]["prose"]
-                N[w] = cfg["N"]
-            except train.TrainError as e:   # a diverged run (non-finite loss) counts as infinitely bad
-                print(f"  {name}: {e}")
-                loss[p][w][k] = math.inf
+for seed in SEEDS:
+    for p in PARAMS:
+        for w in WIDTHS:
+            for k in LOG2_LRS:
+                name = f"mutransfer/{p}_w{w}_lr2e{k}" + (f"_s{seed}" if seed else "")
+                try:
+                    run = train_run(name, n_layer=2, n_head=4, n_embd=w, param=p, d_base=32, lr=2.0 ** k,
+                                    max_iters=STEPS, batch_tokens=1024, seq_len_schedule=128, weight_decay=0.0,
+                                    warmup=0.1, eval_interval=10_000, eval_batches=8, log_interval=5, seed=seed)
+                    cfg, lines, evals = read_run(run)
+                    per_seed[p][w][k].append(evals[-1]["val"]["prose"])
+                    N[w] = cfg["N"]
+                except train.TrainError as e:   # a diverged run (non-finite loss) counts as infinitely bad
+                    print(f"  {name}: {e}")
+                    per_seed[p][w][k].append(math.inf)
+loss = {p: {w: {k: sum(v) / len(v) for k, v in per_seed[p][w].items()} for w in WIDTHS} for p in PARAMS}
+best_seed = {p: {w: [min(LOG2_LRS, key=lambda k: per_seed[p][w][k][i]) for i in range(len(SEEDS))] for w in WIDTHS}
+             for p in PARAMS}
 
 best = {p: {w: min(loss[p][w], key=loss[p][w].get) for w in WIDTHS} for p in PARAMS}
 # shift of the best LR from the narrowest to the widest model, in powers of two
 shift = {p: best[p][WIDTHS[-1]] - best[p][WIDTHS[0]] for p in PARAMS}
 for p in PARAMS:
-    print(f"{p}: best log2(lr) by width {best[p]}  shift {shift[p]:+d}")
+    print(f"{p}: best log2(lr) by width {best[p]}  shift {shift[p]:+d}  per seed {best_seed[p]}")
 
 fig, axes = plt().subplots(1, 2, figsize=(10, 4), sharey=True)
 for ax, p in zip(axes, PARAMS):
@@ -65,12 +72,14 @@ for ax, p in zip(axes, PARAMS):
     ax.set_title(f"{p}: best log2 LR shift {shift[p]:+d} over widths {WIDTHS[0]}→{WIDTHS[-1]}")
     ax.set_xlabel("log2 base LR η")
     ax.legend(fontsize=8)
-axes[0].set_ylabel(f"val loss (prose) after {STEPS} steps")
+axes[0].set_ylabel(f"val loss (prose) after {STEPS} steps, mean of {len(SEEDS)} seeds")
 savefig(fig, "mutransfer_lr")
 save_json("mutransfer", {"widths": WIDTHS, "log2_lrs": LOG2_LRS, "steps": STEPS, "batch_tokens": 1024,
                          "n_layer": 2, "N": N, "val_loss": {p: {str(w): {str(k): v for k, v in loss[p][w].items()}
                                                                  for w in WIDTHS} for p in PARAMS},
-                         "best_log2_lr": best, "shift_log2": shift,
+                         "seeds": SEEDS, "val_loss_per_seed": {p: {str(w): {str(k): v for k, v in per_seed[p][w].items()}
+                                                                   for w in WIDTHS} for p in PARAMS},
+                         "best_log2_lr": best, "best_log2_lr_per_seed": best_seed, "shift_log2": shift,
                          "coord_final_slopes": {p: coord[p]["final_slopes"] for p in PARAMS},
                          "coord_max_slopes": {p: coord[p]["slopes"] for p in PARAMS},
                          "wall_s": time.time() - t0})
