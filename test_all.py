@@ -376,6 +376,15 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(corpora, tmp_path, monk
     assert [os.path.basename(p) for p in train_mod.checkpoints(str(tmp_path / "nan"))] == ["ckpt_0000005.pt"]
 
 
+def test_cpt_from_a_hugging_face_folder(corpora, tmp_path):
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=64)).save_pretrained(str(tmp_path / "hf"))
+    log = train(corpora, tmp_path / "cpt", f"--init_from=hf:{tmp_path / 'hf'}", "--max_iters=3", "--data=code")
+    cfg = json.load(open(tmp_path / "cpt" / "config.json"))
+    assert cfg["cpt"]["init_from"] == f"hf:{tmp_path / 'hf'}" and cfg["cpt"]["base_N"] == cfg["N"]
+    assert log[0]["step"] == 0 and log[-1]["val"]["code"] < log[0]["val"]["code"]
+
+
 def test_train_bad_input_is_one_sentence(corpora, tmp_path):
     cases = [(["--lr_peak=1"], "unknown setting 'lr_peak'"), (["--lr=fast"], "lr='fast' from the command line is not a valid float"),
              (["--init_from=nowhere"], "neither scratch, resume"), (["--model=gpt5"], "unknown model preset"),
