@@ -159,11 +159,13 @@ def lr_factor(step, T, cfg):
 
 
 def peak_flops_for(device, dtype):
-    """Peak matmul FLOP/s that MFU is measured against: this project's CPU (bench.py measures it: ≈172 GFLOP/s
-    fp32, ≈410 GFLOP/s bf16 on 2 Zen 4 cores), or an H100's dense bf16 peak of 989 TFLOP/s on CUDA."""
+    """Peak matmul FLOP/s that MFU is measured against (pass --peak_flops for another machine; `python bench.py
+    --only=peak` measures it): 142 GFLOP/s fp32 on this project's 2-core CPU host (bench.py, 2026-11-27); for bf16,
+    410 GFLOP/s as measured on a 2-core AVX-512-BF16 host (hosts without it run bf16 ~100x slower than fp32);
+    on CUDA an H100's dense peak, 989 TFLOP/s bf16 and 67 TFLOP/s fp32."""
     if device.startswith("cuda"):
         return 989e12 if dtype == "bfloat16" else 67e12
-    return 4.1e11 if dtype == "bfloat16" else 1.72e11
+    return 4.1e11 if dtype == "bfloat16" else 1.42e11
 
 
 # ---------------------------------------------------------------------------------------------------------------
