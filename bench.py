@@ -31,6 +31,24 @@ def best_time(fn, repeats):
     return best, out
 
 
+def chinchilla_objective(N, D, L, delta):
+    """The reference for scaling.fit_law: Chinchilla's summed Huber on log residuals (SPEC §5), written
+    independently in numpy with its exact gradient, for SciPy's L-BFGS-B (here and in test_all.py).
+    θ = (e, a, b, α, β) with E = e^e, A = e^a, B = e^b."""
+    import numpy as np
+    lN, lD, lL = np.log(N), np.log(D), np.log(L)
+
+    def objective(th):
+        e, a, b, alpha, beta = th
+        t = np.stack([np.full_like(lN, e), a - alpha * lN, b - beta * lD])
+        w = np.exp(t - t.max(0))
+        r = t.max(0) + np.log(w.sum(0)) - lL
+        p, dr = w / w.sum(0), np.clip(r, -delta, delta)
+        h = np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)).sum()
+        return h, np.array([dr @ p[0], dr @ p[1], dr @ p[2], -(dr * p[1]) @ lN, -(dr * p[2]) @ lD])
+    return objective
+
+
 def bench_scaling(points=240, scipy_starts=300, repeats=2, seed=0):
     """Chinchilla Approach 3 on synthetic data: scaling.fit_law's batched L-BFGS over the full
     4,500-start grid (SPEC §5) against SciPy's L-BFGS-B looped over the same starts, the reference.
@@ -50,16 +68,7 @@ def bench_scaling(points=240, scipy_starts=300, repeats=2, seed=0):
 
     t_batched, fit = best_time(lambda: scaling.fit_law("chinchilla", dict(N=N, D=D), L), repeats)
 
-    # reference: the same objective (summed Huber on log residuals) in numpy with its exact gradient
-    lN, lD, lL, d = np.log(N), np.log(D), np.log(L), scaling.DELTA
-    def objective(th):
-        e, a, b, alpha, beta = th
-        t = np.stack([np.full_like(lN, e), a - alpha * lN, b - beta * lD])
-        w = np.exp(t - t.max(0))
-        r = t.max(0) + np.log(w.sum(0)) - lL
-        p, dr = w / w.sum(0), np.clip(r, -d, d)
-        h = np.where(np.abs(r) <= d, 0.5 * r * r, d * (np.abs(r) - 0.5 * d)).sum()
-        return h, np.array([dr @ p[0], dr @ p[1], dr @ p[2], -(dr * p[1]) @ lN, -(dr * p[2]) @ lD])
+    objective = chinchilla_objective(N, D, L, scaling.DELTA)
     grid = scaling.LAWS["chinchilla"].grid
     starts = np.array(list(itertools.product(*(grid[k] for k in ("log_E", "log_A", "log_B", "alpha", "beta")))))
     subset = starts[rng.choice(len(starts), scipy_starts, replace=False)]
