@@ -139,6 +139,9 @@ def parse_args(argv, schema=Config):
 # ---------------------------------------------------------------------------------------------------------------
 # learning-rate schedules: a multiplier of every group's own LR (mup.py's lr_mult keeps the groups' ratios)
 
+SCHEDULES = ("linear", "d2z", "cosine", "constant", "wsd")
+
+
 def lr_factor(step, T, cfg):
     warm = max(1, round(cfg.warmup * T)) if cfg.warmup > 0 else 0
     if step < warm:
@@ -155,7 +158,7 @@ def lr_factor(step, T, cfg):
     if cfg.schedule == "wsd":              # warmup, stable, then linear decay to zero over the last wsd_decay
         start = 1.0 - cfg.wsd_decay
         return 1.0 if (step / T) < start else max(0.0, (1.0 - step / T) / cfg.wsd_decay)
-    raise TrainError(f"unknown schedule {cfg.schedule!r}; choose linear, d2z, cosine, constant or wsd")
+    raise TrainError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def peak_flops_for(device, dtype):
@@ -238,7 +241,8 @@ def build(cfg, given, ddp_rank, world):
     # data
     weights = data_mod.parse_mixture(cfg.data)
     if ddp_rank == 0:
-        data_mod.ensure_builtin(cfg.data_dir) if any(d in data_mod.BUILTIN for d in weights) else None
+        if any(d in data_mod.BUILTIN for d in weights):
+            data_mod.ensure_builtin(cfg.data_dir)
     if world > 1:
         torch.distributed.barrier()
     schedule = data_mod.parse_seq_len_schedule(cfg.seq_len_schedule)
@@ -270,7 +274,8 @@ def build(cfg, given, ddp_rank, world):
         model = GPT(GPTConfig(**bck["model_config"]))
         model.load_state_dict(bck["model"])
         base = json.load(open(os.path.join(cfg.init_from, "config.json")))
-        base_tokens = bck["tokens"] + (base["cpt"]["base_D"] or 0 if base.get("cpt") else 0)
+        # all tokens behind the model: this run's, plus its own base model's when it was itself a CPT run
+        base_tokens = bck["tokens"] + ((base.get("cpt") or {}).get("base_D") or 0)
         cpt = {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": base_tokens,
                "base_ptpp": base_tokens / model.num_params()}
     if cpt is not None and not resume:
@@ -324,7 +329,8 @@ def main(argv):
     master = rank == 0
     if cfg.dtype not in ("float32", "bfloat16"):
         raise TrainError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    lr_factor(0, 10, cfg)  # validates the schedule name before any work
+    if cfg.schedule not in SCHEDULES:
+        raise TrainError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     b = build(cfg, given, rank, world)
     model, batches, N, D, T = b["model"], b["batches"], b["N"], b["D"], b["T"]
