@@ -152,7 +152,9 @@ class CausalSelfAttention(nn.Module):
             if past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True, dropout_p=drop,
                                                    scale=self.scale)
-            else:  # decoding: query i (absolute past + i) sees keys j ≤ past + i
+            elif T == 1:  # decoding one token: it sees every key, so the per-key bias is the whole mask
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            else:  # chunked prefill: query i (absolute past + i) sees keys j ≤ past + i
                 allowed = torch.arange(S, device=x.device)[None, :] <= past + torch.arange(T, device=x.device)[:, None]
                 mask = torch.zeros(T, S, device=x.device).masked_fill(~allowed, float("-inf"))
                 mask = mask if bias is None else mask + bias
@@ -233,17 +235,20 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """Logits for every position and the mean cross-entropy when targets are given (-1 is ignored);
         otherwise logits of the last position only (nanoGPT's convention for sampling)."""
-        x = self.transformer.drop(self.transformer.wte(idx) * self.pz.embedding_mult)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i])
-        x = self.transformer.ln_f(x)
-        # µP readout α_out/m_N (SPEC §2), applied once; scaling x before the matmul equals scaling the logits
-        x = x * self.pz.logit_mult
+        x = self.features(idx, cache)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def features(self, idx, cache=None):
+        """The last layer's normalised hidden states times the µP readout α_out/m_N (SPEC §2): logits = features·Wᵀ
+        for the tied embedding W. Scaling x before the matmul equals scaling the logits, and is applied once."""
+        x = self.transformer.drop(self.transformer.wte(idx) * self.pz.embedding_mult)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[i])
+        return self.transformer.ln_f(x) * self.pz.logit_mult
 
     def flops_per_token(self, T):
         """Training FLOPs per token at context T: 6 per weight (2 forward + 4 backward) over the non-embedding
@@ -271,10 +276,12 @@ class GPT(nn.Module):
         """Continue idx (B, T) by max_new_tokens tokens; temperature 0 is greedy. With the KV cache each step
         feeds one token; ALiBi has no position table, so generation may run past block_size."""
         cache = self.new_cache() if use_cache else None
+        # the tied readout as a contiguous (d, V) copy: in decoding's one-row products CPU BLAS reads it 2.4x faster
+        # than the (V, d) embedding it shares storage with (2.9 vs 7.0 ms for 50,304 × 384; README, Performance)
+        w_out = self.lm_head.weight.t().contiguous()
         inp = idx
         for _ in range(max_new_tokens):
-            logits, _ = self(inp, cache=cache)
-            logits = logits[:, -1, :].float()
+            logits = (self.features(inp, cache)[:, -1, :] @ w_out).float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
