@@ -1,13 +1,12 @@
 """
 Loss-curve collapse (SPEC §3, §6): AdamW-timescale recipes, normalised loss curves, the collapse
 deviation Δ against the seed noise floor σ, final-loss forecasts from partial runs, and a live monitor.
+Stands alone (numpy only); reads run directories (config.json + log.jsonl) and long CSV.
 
     python collapse.py recipe --params=1e6 --tpp=20
     python collapse.py analyze --runs=out/fam/* --json --plot=collapse.png
     python collapse.py forecast --runs=out/sweep/* --ref=out/fam/s1 --at=0.3
     python collapse.py synth --out=fam.csv --tau=0.2    # a synthetic family to try the tools on
-
-Stands alone (numpy only). Reads run directories (config.json + log.jsonl) and long CSV.
 """
 import csv
 import glob
@@ -45,23 +44,21 @@ def tau_opt(tpp):
 
 
 def batch_opt(tokens, in_tokens=False):
-    """Power Lines: B_opt = 0.0306 · D^0.383, in 2,048-token sequences (D in tokens); in_tokens=True gives tokens."""
+    """Power Lines: B_opt = 0.0306 · D^0.383 sequences of 2,048 tokens (D in tokens); in_tokens=True: tokens."""
     b = 0.0306 * tokens ** 0.383
     return b * 2048 if in_tokens else b
 
 
 def recipe(params, tpp, lr=1.2e-2, seq_len=2048):
-    """A compute-efficient run: D = TPP·N, B = B_opt(D) rounded to whole sequences, T = D/B steps (D rounded
-    to T·B), and λ hitting τ_opt(TPP). lr is the base (µP proxy) peak LR η; under CompleteP the hidden
-    matrices' η/m_N and λ·m_N keep ηλ, hence τ, the same (SPEC §2)."""
+    """A compute-efficient run: D = TPP·N, B = B_opt(D) in whole sequences, T = D/B steps, λ hitting τ_opt(TPP).
+    lr is the base (µP proxy) peak LR η; CompleteP's hidden-matrix η/m_N and λ·m_N keep ηλ, hence τ (SPEC §2)."""
     if params <= 0 or tpp <= 0 or lr <= 0 or seq_len <= 0:
         raise CollapseError(f"recipe needs positive params, tpp, lr and seq_len (got {params}, {tpp}, {lr}, {seq_len})")
     B_seqs = max(1, round(batch_opt(tpp * params, in_tokens=True) / seq_len))
     B = B_seqs * seq_len
     T = max(1, round(tpp * params / B))
     D = T * B
-    target = tau_opt(tpp)
-    wd = weight_decay_for_tau(target, lr, B, D)
+    wd = weight_decay_for_tau(tau_opt(tpp), lr, B, D)
     return {"N": int(params), "TPP": D / params, "D": D, "B_seqs": B_seqs, "B": B, "seq_len": seq_len, "T": T,
             "lr": lr, "weight_decay": wd, "tau": tau(lr, wd, B, D)}
 
@@ -83,10 +80,9 @@ def lr_shape(x, schedule, warmup=0.0, final=0.1):
 
 
 def nq_variance(x, tau, schedule="d2z", warmup=0.05, kappa=1.0):
-    """Noisy-quadratic variance v(x) (units of its constant-LR stationary value): dv/dx = (2η/τ)(η − v),
-    v(0) = κ, i.e. it relaxes towards η(x) at the AdamW rate 2η(x)/τ. With η ≡ 1 this is SPEC §6's
-    (1 − e^(−2x/τ)) + κ·e^(−2x/τ). Exact solution v = e^−A·(κ + ∫(2η²/τ)e^A), A = (2/τ)∫η, on a fine
-    grid."""
+    """Noisy-quadratic variance v(x), in units of its constant-LR stationary value: dv/dx = (2η/τ)(η − v), v(0) = κ,
+    relaxing towards η(x) at the AdamW rate 2η(x)/τ; with η ≡ 1 it is SPEC §6's (1 − e^(−2x/τ)) + κ·e^(−2x/τ).
+    Solved exactly on a fine grid: v = e^−A·(κ + ∫(2η²/τ)e^A), A = (2/τ)∫η."""
     f = np.linspace(0.0, 1.0, 20001)
     eta = lr_shape(f, schedule, warmup)
     cum = lambda g: np.concatenate([[0.0], np.cumsum(0.5 * (g[1:] + g[:-1]) * np.diff(f))])
@@ -135,6 +131,8 @@ def synthetic(sizes, tau=0.2, seeds=1, schedule="d2z", warmup=0.05, L0=0.0, nois
 # reading curves: run directories and long CSV
 
 def _checked(c, where):
+    lr = c.eta  # the loaders pass the logged LR; η = LR / peak LR, only when every point has one
+    c.eta = lr / lr.max() if len(lr) and np.all(np.isfinite(lr)) and lr.max() > 0 else None
     if not (np.all(np.isfinite(c.x)) and np.all(np.isfinite(c.loss))):
         raise CollapseError(f"{where}: run {c.name!r} has a missing, NaN or infinite x or loss")
     if np.any(np.diff(c.x) <= 0):
@@ -168,11 +166,9 @@ def load_run(path):
         if "loss" in r:  # training lines; eval lines carry "val" instead
             rows.append(r)
     num = lambda k: np.array([r[k] if isinstance(r.get(k), (int, float)) else np.nan for r in rows], float)
-    lr = num("lr")  # η(x) from the logged LR, when every line has one
-    eta = lr / lr.max() if len(lr) and np.all(np.isfinite(lr)) and lr.max() > 0 else None
-    c = Curve(os.path.basename(os.path.normpath(path)), num("tokens") / cfg["D"], num("loss"), cfg.get("N"),
-              cfg.get("seed"), cfg.get("schedule"), cfg.get("TPP"), cfg.get("tau"), cfg.get("warmup") or 0.0, eta)
-    return _checked(c, path)
+    return _checked(Curve(os.path.basename(os.path.normpath(path)), num("tokens") / cfg["D"], num("loss"),
+                          cfg.get("N"), cfg.get("seed"), cfg.get("schedule"), cfg.get("TPP"), cfg.get("tau"),
+                          cfg.get("warmup") or 0.0, num("lr")), path)
 
 
 def load_csv(path, x=None, size_col=None, seed_col=None):
@@ -190,7 +186,6 @@ def load_csv(path, x=None, size_col=None, seed_col=None):
             raise CollapseError(f"{path} has no column {col!r} (columns: {', '.join(cols) or 'none'})")
     size_col = size_col or ("size" if "size" in cols else None)
     seed_col = seed_col or ("seed" if "seed" in cols else None)
-
     def num(i, r, k):  # a number; None where an optional column is absent or empty
         try:
             return float(r[k]) if k and r.get(k) not in (None, "") else None
@@ -204,27 +199,26 @@ def load_csv(path, x=None, size_col=None, seed_col=None):
         xs, loss, lr = (np.array([num(i, r, k) for i, r in rs], float) for k in (x, "loss", "lr"))
         if xs[-1] <= 0:
             raise CollapseError(f"{path}: run {name!r} ends at {x} = {xs[-1]:g}; x must end above 0")
-        eta = lr / lr.max() if np.all(np.isfinite(lr)) and lr.max() > 0 else None
         i, r = rs[0]
         c = Curve(name, xs / xs[-1], loss, num(i, r, size_col), r.get(seed_col) if seed_col else None,
-                  r.get("schedule") or None, num(i, r, "tpp"), num(i, r, "tau"), 0.0, eta)
+                  r.get("schedule") or None, num(i, r, "tpp"), num(i, r, "tau"), 0.0, lr)
         curves.append(_checked(c, path))
     return curves
 
 
 def load_curves(spec, x=None, size_col=None, seed_col=None):
     """Comma-separated run directories, CSV files and glob patterns (a folder of run directories counts too)."""
-    items = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s]
     curves = []
-    for item in items:
+    for item in [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s]:
         paths = sorted(glob.glob(item)) if any(ch in item for ch in "*?[") else [item]
         if not paths:
             raise CollapseError(f"--runs pattern {item!r} matches nothing")
         for p in paths:
+            inside = sorted(glob.glob(os.path.join(p, "*", "config.json")))  # a folder of run directories
             if os.path.isfile(os.path.join(p, "config.json")):
                 curves.append(load_run(p))
-            elif os.path.isdir(p) and glob.glob(os.path.join(p, "*", "config.json")):
-                curves += [load_run(os.path.dirname(q)) for q in sorted(glob.glob(os.path.join(p, "*", "config.json")))]
+            elif inside:
+                curves += [load_run(os.path.dirname(q)) for q in inside]
             elif os.path.isfile(p):
                 curves += load_csv(p, x, size_col, seed_col)
             else:
@@ -327,12 +321,6 @@ def collapse_stats(curves, L, ell, L0):
     per_size = [(L[g] - L0).std(0, ddof=1) / (L[g] - L0).mean(0) for g in groups.values() if len(g) > 1]
     return delta, (np.mean(per_size, 0) if per_size else None)
 
-
-def residual_mae(grid, ell, ref):
-    """Bergsma's residual r(x) = ℓ_run(x) − ℓ_ref(x), summarised as its mean |r| over x ∈ [0.2, 1]."""
-    late = grid >= 0.2
-    return np.abs(ell[:, late] - ref[late]).mean(1)
-
 # -----------------------------------------------------------------------------
 # forecasting the final loss from a partial run
 
@@ -345,17 +333,10 @@ def forecast(prefix_x, prefix_loss, reference, x_min=0.05, window=1):
     return float(np.exp(np.mean(np.log(y[sel]) - np.log(ref))))
 
 
-EPS1, EPS2, M_EXP = 1e-3, 0.1, 0.05  # Bergsma et al. 2025, Eq. 4 constants (SPEC §6)
-
-
 def eq4(x, e, b, q):
-    """Bergsma Eq. 4 before normalisation: ((1+ε1)/(x+ε1))^m + b·(η+ε2)^q, η = relative LR at x."""
-    return ((1 + EPS1) / (x + EPS1)) ** M_EXP + b * (e + EPS2) ** q
-
-
-def param_shape(x, eta, b, q):
-    """The parametric reference ℓ̂(x) = eq4(x)/eq4(1); eta is a function giving η at x."""
-    return eq4(x, eta(x), b, q) / eq4(1.0, eta(np.ones(1))[0], b, q)
+    """Bergsma et al. 2025, Eq. 4 before normalisation: ((1+ε1)/(x+ε1))^m + b·(η+ε2)^q, η = relative LR at x."""
+    eps1, eps2, m = 1e-3, 0.1, 0.05  # the paper's constants (SPEC §6)
+    return ((1 + eps1) / (x + eps1)) ** m + b * (e + eps2) ** q
 
 
 def eta_of(c):
@@ -403,13 +384,11 @@ def fit_param(curves, x_min=0.05, window=1):
     x, logy, e, e1, ta, tp, w = np.concatenate(cols, 1)
     fit_b1, fit_q1 = ta.max() > 1.01 * ta.min(), tp.max() > 1.01 * tp.min()
     unpack = lambda p: (math.exp(p[0]), p[2] if fit_b1 else 0.0, p[1], p[-1] if fit_q1 else 0.0)
-
     def res(p):
         b0, b1, q0, q1 = unpack(p)
         b, q = b0 * ta ** b1, q0 * tp ** q1
         with np.errstate(all="ignore"):
             return np.sqrt(w / len(curves)) * (np.log(eq4(x, e, b, q) / eq4(1.0, e1, b, q)) - logy)
-
     extra = [0.0] * (int(fit_b1) + int(fit_q1))
     best = min((_levenberg_marquardt(res, [lb, q0] + extra) for lb in (math.log(0.1), 0.0, math.log(10.0))
                 for q0 in (0.5, 1.0, 2.0)), key=lambda t: t[1] if math.isfinite(t[1]) else math.inf)
@@ -420,25 +399,22 @@ def fit_param(curves, x_min=0.05, window=1):
 
 
 def param_reference(fit, c):
-    """The Eq. 4 shape for run c under a fitted dict: a function of x."""
+    """The Eq. 4 shape ℓ̂(x) = eq4(x)/eq4(1) for run c under a fitted dict, as a function of x."""
     b = fit["b0"] * (c.tau or 1.0) ** fit["b1"]
     q = fit["q0"] * (c.tpp or 1.0) ** fit["q1"]
     eta = eta_of(c)
-    return lambda x: param_shape(np.asarray(x, float), eta, b, q)
+    return lambda x: eq4(np.asarray(x, float), eta(np.asarray(x, float)), b, q) / eq4(1.0, eta(np.ones(1))[0], b, q)
 
 # -----------------------------------------------------------------------------
 # live monitor
 
 class CollapseMonitor:
     """Compares a live run with the normalised shape of healthy reference runs (SPEC §6, Bergsma's 1.8B case).
-
     L(1) of a live run is unknown, so each update fits it as `forecast` does, on the points seen so far with
     x_min ≤ x ≤ fit_until; after fit_until the implied L(1) stays frozen, so a pathology that starts later
     cannot be absorbed into the scale (one that starts earlier is partly absorbed: the price of not knowing L(1)).
-    residual = L/L̂(1) − ℓ_ref(x); smoothed = trailing mean of the last `window` residuals; alert when
-    |smoothed| exceeds the band: `margin` × the rms of the smoothed residual that the reference runs themselves
-    show within ±0.1 in x, replayed through this procedure against the others (leave one out; one run: itself).
-    Reference curves are smoothed over 2% of their points before averaging."""
+    Alert when the trailing mean of the last `window` residuals L/L̂(1) − ℓ_ref(x) exceeds `margin` × the rms
+    that the reference runs themselves show within ±0.1 in x, each replayed against the others (leave one out)."""
 
     def __init__(self, reference, fit_until=0.5, x_min=0.05, window=5, margin=5.0, floor=1e-4):
         refs = reference if reference and isinstance(reference[0], Curve) else load_curves(reference)
@@ -446,13 +422,10 @@ class CollapseMonitor:
         self.grid = np.linspace(max(c.x[0] for c in refs), 1.0, 400)
         ells = np.stack([normalise([c], "none", max(1, len(c.x) // 50), self.grid)[2][0] for c in refs])
         self.ref = ells.mean(0)
-        px, ps = [], []  # pooled (x, smoothed residual) of the reference runs, replayed
-        for j, c in enumerate(refs):
-            others = np.delete(ells, j, 0).mean(0) if len(refs) > 1 else ells[j]
-            keep = c.x >= x_min
-            px.append(c.x[keep])
-            ps.append(self._track(c.x, c.loss, others)[1][keep])
-        px, ps = np.concatenate(px), np.concatenate(ps)
+        # pooled (x, smoothed residual) of the reference runs, each replayed against the others' mean
+        others = [np.delete(ells, j, 0).mean(0) if len(refs) > 1 else ells[j] for j in range(len(refs))]
+        px = np.concatenate([c.x[c.x >= x_min] for c in refs])
+        ps = np.concatenate([self._track(c.x, c.loss, o)[1][c.x >= x_min] for c, o in zip(refs, others)])
         near = np.abs(self.grid[:, None] - px[None, :]) <= 0.1
         rms = np.sqrt((near * ps ** 2).sum(1) / np.maximum(near.sum(1), 1))
         rms[near.sum(1) == 0] = np.sqrt(np.mean(ps ** 2))
@@ -501,7 +474,8 @@ def analyze(curves, offset="none", window=1, ref=None, force=False):
     if ref is not None and ref not in names:
         raise CollapseError(f"--ref={ref} is not one of the runs ({', '.join(names)})")
     ell_ref = ell[names.index(ref)] if ref else ell.mean(0)
-    mae = residual_mae(grid, ell, ell_ref)
+    late = grid >= 0.2  # Bergsma's residual r(x) = ℓ_run(x) − ℓ_ref(x), summarised as mean |r| over x ∈ [0.2, 1]
+    mae = np.abs(ell[:, late] - ell_ref[late]).mean(1)
     at = lambda v: [float(a) if math.isfinite(a) else None  # null where σ is undefined (no seeds)
                     for a in (np.interp(X_REPORT, grid, v) if v is not None else [math.nan] * len(X_REPORT))]
     return {"x": X_REPORT, "delta": at(delta), "sigma": at(sigma), "L0": L0,
@@ -517,12 +491,12 @@ def forecast_runs(runs, refs, at=0.3, shape="curve", window=1, force=False):
     if not 0 < at <= 1:
         raise CollapseError(f"--at={at} must be in (0, 1]")
     check_mixing(runs + refs, force)
+    if shape not in ("curve", "param"):
+        raise CollapseError(f"--shape={shape} must be 'curve' or 'param'")
     fit = fit_param(refs, window=window) if shape == "param" else None
     if shape == "curve":
         grid, _, ell, _ = normalise(refs, "none", window)
         mean_ref = (grid, ell.mean(0))
-    elif shape != "param":
-        raise CollapseError(f"--shape={shape} must be 'curve' or 'param'")
     out = []
     for c in runs:
         pre = c.x <= at + 1e-12
@@ -545,15 +519,6 @@ def forecast_runs(runs, refs, at=0.3, shape="curve", window=1, force=False):
     return res
 
 
-def _save(fig, path):
-    tmp = path + ".tmp"
-    try:
-        fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png", dpi=110)
-    except ValueError:
-        raise CollapseError(f"--plot={path}: unknown image format (use .png, .pdf or .svg)")
-    os.replace(tmp, path)
-
-
 def plot_collapse(curves, res, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -571,20 +536,23 @@ def plot_collapse(curves, res, path):
         a.set_title(t)
     ax[0].legend(fontsize=6)
     ax[2].legend()
-    _save(fig, path)
+    try:
+        fig.savefig(path + ".tmp", format=os.path.splitext(path)[1][1:] or "png", dpi=110)
+    except ValueError:
+        raise CollapseError(f"--plot={path}: unknown image format (use .png, .pdf or .svg)")
+    os.replace(path + ".tmp", path)
 
 
 def write_csv(curves, path):
     """Long CSV (run, step, loss, size, seed, schedule, tpp, tau, lr), written atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with open(path + ".tmp", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "step", "loss", "size", "seed", "schedule", "tpp", "tau", "lr"])
         for c in curves:
             for i, (x, l) in enumerate(zip(c.x, c.loss)):
                 w.writerow([c.name, i + 1, repr(float(l)), c.size, c.seed, c.schedule, c.tpp, c.tau,
                             "" if c.eta is None else repr(float(c.eta[i]))])
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
 
 REQUIRED = object()
@@ -626,12 +594,7 @@ def main(argv):
     if not argv or argv[0] not in COMMANDS:
         raise CollapseError(f"usage: python collapse.py {{{'|'.join(COMMANDS)}}} --key=value ...")
     cmd, o = argv[0], parse_flags(argv[0], argv[1:])
-    load = lambda spec: load_curves(spec, o["x"], o["size_col"], o["seed_col"])
-    if cmd == "recipe":
-        r = recipe(o["params"], o["tpp"], o["lr"], o["seq_len"])
-        print(json.dumps(r) if o["json"] else "\n".join(f"{k:>13} {v:.6g}" if isinstance(v, float) else f"{k:>13} {v}"
-                                                        for k, v in r.items()))
-    elif cmd == "synth":
+    if cmd == "synth":
         try:
             taus = [float(t) for t in o["tau"].split(",")]
         except ValueError:
@@ -640,33 +603,35 @@ def main(argv):
                                                                    noise=0.002, seed_sd=0.003, rng=i)]
         write_csv(curves, o["out"])
         print(f"wrote {len(curves)} runs to {o['out']}")
+        return
+    load = lambda spec: load_curves(spec, o["x"], o["size_col"], o["seed_col"])
+    if cmd == "recipe":
+        res = recipe(o["params"], o["tpp"], o["lr"], o["seq_len"])
     elif cmd == "analyze":
         curves = load(o["runs"])
         res = analyze(curves, o["offset"], o["smooth"], o["ref"], o["force"])
         if o["plot"]:
             plot_collapse(curves, res, o["plot"])
         res.pop("arrays")
-        if o["json"]:
-            print(json.dumps(res))
-        else:
-            print(f"normalisation {res['normalisation']}, L0 = {res['L0']:.4g}, reference {res['reference']}")
-            fmt = lambda v: "    -   " if v is None else f"{v:8.2e}"
-            for p, d, s in zip(res["x"], res["delta"], res["sigma"]):
-                print(f"x = {p:4.2f}   Δ = {fmt(d)}   σ = {fmt(s)}")
-            for r in res["runs"]:
-                print(f"{r['run']:>24}  L(1) = {r['L1']:.4f}  residual MAE[0.2,1] = {100 * r['mae']:.3f}%")
-    elif cmd == "forecast":
-        runs, refs = load(o["runs"]), load(o["ref"])
-        res = forecast_runs(runs, refs, o["at"], o["shape"], o["smooth"], o["force"])
-        if o["json"]:
-            print(json.dumps(res))
-        else:
-            for i, r in enumerate(res["ranking"], 1):
-                truth = "" if r["L1"] is None else f"  true {r['L1']:.4f}  err {100 * r['err']:+.2f}%"
-                print(f"{i:3d} {r['run']:>24}  forecast L(1) = {r['L1_hat']:.4f}{truth}")
-            if "true_best" in res:
-                print(f"picked {res['picked']}, true best {res['true_best']}, "
-                      f"mean |err| {100 * res['mean_abs_err']:.2f}%")
+    else:
+        res = forecast_runs(load(o["runs"]), load(o["ref"]), o["at"], o["shape"], o["smooth"], o["force"])
+    if o["json"]:
+        print(json.dumps(res))
+    elif cmd == "recipe":
+        print("\n".join(f"{k:>13} {v:.6g}" if isinstance(v, float) else f"{k:>13} {v}" for k, v in res.items()))
+    elif cmd == "analyze":
+        print(f"normalisation {res['normalisation']}, L0 = {res['L0']:.4g}, reference {res['reference']}")
+        fmt = lambda v: "    -   " if v is None else f"{v:8.2e}"
+        for p, d, s in zip(res["x"], res["delta"], res["sigma"]):
+            print(f"x = {p:4.2f}   Δ = {fmt(d)}   σ = {fmt(s)}")
+        for r in res["runs"]:
+            print(f"{r['run']:>24}  L(1) = {r['L1']:.4f}  residual MAE[0.2,1] = {100 * r['mae']:.3f}%")
+    else:
+        for i, r in enumerate(res["ranking"], 1):
+            truth = "" if r["L1"] is None else f"  true {r['L1']:.4f}  err {100 * r['err']:+.2f}%"
+            print(f"{i:3d} {r['run']:>24}  forecast L(1) = {r['L1_hat']:.4f}{truth}")
+        if "true_best" in res:
+            print(f"picked {res['picked']}, true best {res['true_best']}, mean |err| {100 * res['mean_abs_err']:.2f}%")
 
 
 if __name__ == "__main__":

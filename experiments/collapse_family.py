@@ -56,8 +56,8 @@ curves = [C.load_run(d) for d in healthy]
 res = C.analyze(curves, window=WINDOW, force=True)   # TPP differs by <1% (whole steps)
 grid, L, ell, delta, sigma = res.pop("arrays")
 mis_curves = [C.load_run(d) for d in mismatched]
-# Qiu et al.'s normalisation (L − L0)/(L(1) − L0), L0 fitted to the final losses. Kept for the record only: here
-# collapse.fit_offset returns a negative L0 (it is unconstrained), which makes every ℓ ≈ 1 (see REPORT.md)
+# Qiu et al.'s normalisation (L − L0)/(L(1) − L0), L0 fitted to the final losses. Kept for the record only: an
+# unconstrained fit gave L0 = −74.7 here (every ℓ ≈ 1); fit_offset now keeps L0 in [0, min L) (see REPORT.md)
 res_q = C.analyze(curves, offset="fit", window=WINDOW, force=True) if len(WIDTHS) >= 3 else None  # needs 3 sizes
 if res_q:
     res_q.pop("arrays")
