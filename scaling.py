@@ -7,28 +7,19 @@ Scaling laws: fit them, score their forecasts, and plan with them. Stands alone 
     python scaling.py plan --fit=fits.json|target.json,base.json [--law=ptpp_transfer] --N=1e6 --ptpp=279 \
         --target_loss=2.1 --max_forgetting=0.05 [--max_compute=1e15] [--base_loss_before=2.9]
 
-A law is a torch function giving log L from named inputs (tensors of shape (P,)) and named parameters
-(tensors of shape (S, 1), one row per start of the initialisation grid). A parameter called log_X is
-reported as X = exp(log_X), which keeps coefficients positive. Fitting minimises, for each start, the
-SUM over points of Huber_delta(log L_hat - log L), delta = 1e-3 (SPEC §5, Besiroglu et al. 2024), in
-float64 with a batched L-BFGS that runs every start at once, each with its own memory and line search.
-
-Input files. `fit` reads a CSV with one column per law input plus `loss` (chinchilla: N, D, loss;
-powerlaw: x, loss; dcpt: N, D, r, loss; ptpp_*: N, D, r, ptpp, loss). `cpt` reads CPT runs, either a
-CSV with one row per run and columns
-    N (base model params), ptpp (base pre-training tokens / N), D (CPT tokens), replay (fraction of CPT
-    tokens that replay the base domain), target_loss, base_loss (after CPT), and optionally
-    target_loss_before, base_loss_before (the base model before CPT; needed for MAE_rel),
-or run directories (config.json with a "cpt" block + log.jsonl; the eval at step 0 gives the "before"
-losses, the last eval the "after" losses; a folder of run directories works too).
+`fit` reads a CSV with the law's inputs and `loss` (chinchilla: N, D; powerlaw: x; dcpt: N, D, r; ptpp_*:
+N, D, r, ptpp). `cpt` reads run directories (read_runs) or CSVs with one row per run: N (base model params),
+ptpp (base pre-training tokens / N), D (CPT tokens), replay (share of CPT tokens from the base domain),
+target_loss, base_loss (after CPT), optionally target_loss_before, base_loss_before (for MAE_rel).
 """
+import contextlib
 import csv
 import itertools
 import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,13 +36,8 @@ class ScalingError(Exception):
 # laws: log L_hat = fn(x, p); x: inputs (P,), p: parameters (S, 1); result (S, P)
 
 def _lse(*terms):
-    """log(sum(exp(terms))), computed directly: 2.5x faster than chained logaddexp on the 4,500-start
-    grid. Terms near log L stay far from exp's overflow at 709; a start that does overflow gets an
-    inf loss, which the line search treats as no decrease."""
-    out = torch.exp(terms[0])
-    for t in terms[1:]:
-        out = out + torch.exp(t)
-    return torch.log(out)
+    """log(sum(exp(terms))) directly, 2.5x faster than chained logaddexp: terms near log L are far from overflow."""
+    return torch.log(sum(map(torch.exp, terms[1:]), torch.exp(terms[0])))
 
 def _log(v):
     return torch.log(v.clamp_min(1e-30))  # mixture shares may be 0: r^eta -> 0, log stays finite
@@ -66,58 +52,33 @@ def powerlaw(x, p):
 
 def dcpt(x, p):
     """D-CPT law (Que et al. 2024): L(N, D, r) = E + A/N^alpha + B r^eta / D^beta + C/(r + eps)^gamma.
-
-    r is the mixture share OF THE DOMAIN BEING MODELLED: for the target-domain loss r = 1 - replay,
-    for the base-domain loss r = replay (SPEC §4). eps = exp(log_eps) > 0 is fitted. No PTPP input:
-    this is the PTPP-agnostic baseline, applied unchanged at a PTPP it never saw."""
-    r = x["r"]
+    r is the mixture share OF THE DOMAIN BEING MODELLED: 1 - replay for the target-domain loss, replay for
+    the base-domain loss (SPEC §4); eps > 0 is fitted. No PTPP input: the PTPP-agnostic baseline."""
     return _lse(p["log_E"], p["log_A"] - p["alpha"] * torch.log(x["N"]),
-                p["log_B"] + p["eta"] * _log(r) - p["beta"] * torch.log(x["D"]),
-                p["log_C"] - p["gamma"] * torch.log(r + torch.exp(p["log_eps"])))
+                p["log_B"] + p["eta"] * _log(x["r"]) - p["beta"] * torch.log(x["D"]),
+                p["log_C"] - p["gamma"] * torch.log(x["r"] + torch.exp(p["log_eps"])))
 
 def ptpp_power(x, p):
-    """OUR PTPP-aware form (a): D-CPT whose adaptation terms scale as one power of PTPP P.
-
-        L(N, D, r, P) = E + A/N^alpha + P^nu (B r^eta / D^beta + C / (r + eps)^gamma)
-
-    Derivation. D-CPT is fitted at one pre-training budget, so B and C silently absorb how far above
-    its floor E + A/N^alpha the base model sits on this domain. Let that whole excess scale as P^nu:
-    a longer pre-trained model starts nearer its floor (nu < 0 for a domain it has seen), and its
-    CPT gains and mixture penalty shrink together. One exponent (a single parameter more than D-CPT,
-    which it equals at nu = 0) is pinned by two training PTPPs through the ratio of the excesses. We
-    first gave B and C separate exponents; a term that is small at the training PTPPs then leaves
-    its exponent free to run off, and held-out forecasts diverged (target MAPE 60% on the experiments'
-    PTPP 60 runs, base MAPE 1,000% on synthetic data; tied: 0.8% and 7%). E and A/N^alpha stay
-    PTPP-free: the floor belongs to the architecture and data. (Our design; the paper's is not public.)"""
-    lP, r = torch.log(x["ptpp"]), x["r"]
-    return _lse(p["log_E"], p["log_A"] - p["alpha"] * torch.log(x["N"]),
-                p["log_B"] + p["nu"] * lP + p["eta"] * _log(r) - p["beta"] * torch.log(x["D"]),
-                p["log_C"] + p["nu"] * lP - p["gamma"] * torch.log(r + torch.exp(p["log_eps"])))
+    """OUR PTPP-aware form (a): L = E + A/N^alpha + P^nu (B r^eta / D^beta + C / (r + eps)^gamma), P = PTPP.
+    Fitted at one pre-training budget, D-CPT's B and C absorb how far above its floor E + A/N^alpha the base model
+    sits on this domain; that excess scales as P^nu (nu < 0 for a seen domain: longer pre-training starts nearer the
+    floor), one exponent pinned by two training PTPPs. Separate exponents let a term small at those PTPPs run off:
+    held-out MAPE reached 60% (target, the experiments' PTPP 60 runs) and 1,000% (base, synthetic); tied: 0.8%, 7%."""
+    lP = torch.log(x["ptpp"])
+    return dcpt(x, dict(p, log_B=p["log_B"] + p["nu"] * lP, log_C=p["log_C"] + p["nu"] * lP))
 
 def ptpp_transfer(x, p):
-    """OUR PTPP-aware form (b): effective transferred data plus forgetting.
-
-        L = E + A/N^alpha + B / D_eff^beta + F ((1 - r) D / (P N))^phi,
-        D_eff = r D + k (P N)^kappa
-
-    Derivation. Treat the modelled domain's loss as a Chinchilla data term at an effective number of
-    in-domain tokens. CPT supplies r D of them (r = share of the modelled domain, as in dcpt); the
-    P N pre-training tokens supply k (P N)^kappa, the "effective data transferred" of Hernandez et al.
-    2021 (their D_T = k D_F^alpha N^beta, here without the N factor). For the base domain itself
-    k ~ 1, kappa ~ 1; for a new target
-    domain k << 1. The other domain's (1 - r) D tokens interfere: forgetting grows as a power of those
-    tokens measured in units of the pre-training tokens, since a model that has seen more data moves
-    less per new token. Reductions: at D = 0 the law is the pre-CPT loss
-    L0(N, P) = E + A/N^alpha + B/(k (P N)^kappa)^beta, explicit in PTPP (the base-anchored view of
-    SPEC §4c); with k = kappa = 1 it is Chinchilla's L(N, P N) for the base domain; as P grows, CPT
-    gains and forgetting both shrink. Nine parameters, each with its own role, so two PTPPs and a few
-    sizes pin them. (Our design; the paper's equations are not public.)"""
+    """OUR PTPP-aware form (b): L = E + A/N^alpha + B / D_eff^beta + F ((1 - r) D / (P N))^phi, a Chinchilla data
+    term at D_eff = r D + k (P N)^kappa in-domain tokens: the P N pre-training tokens add the "effective data
+    transferred" of Hernandez et al. 2021 (D_T = k D_F^alpha N^beta, without the N factor; k ~ kappa ~ 1 for the base
+    domain, k << 1 for a new one). Forgetting is a power of the other domain's tokens per pre-training token: a model
+    that has seen more moves less per new token. At D = 0 this is the pre-CPT loss (SPEC §4c); at k = kappa = 1,
+    Chinchilla's L(N, P N). Nine parameters, each with its own role, pinned by two PTPPs and a few sizes."""
     lN, lP, r = torch.log(x["N"]), torch.log(x["ptpp"]), x["r"]
     log_Deff = _lse(_log(r) + torch.log(x["D"]), p["log_k"] + p["kappa"] * (lP + lN))
     foreign = _log(1 - r) + torch.log(x["D"]) - lP - lN
     return _lse(p["log_E"], p["log_A"] - p["alpha"] * lN, p["log_B"] - p["beta"] * log_Deff,
                 p["log_F"] + p["phi"] * foreign)
-
 
 @dataclass
 class Law:
@@ -129,11 +90,10 @@ _CPT_GRID = dict(log_E=[-1.0, 0.0, 1.0], log_A=[0.0, 5.0, 10.0], alpha=[0.3, 1.0
                  beta=[0.3, 1.0])
 LAWS = {
     # SPEC §5: alpha, beta in {0, .5, .., 2}, e in {-1, -.5, .., 1}, a, b in {0, 5, .., 25}: 4,500 starts
-    "chinchilla": Law(chinchilla, ("N", "D"), dict(
-        log_E=np.arange(-1, 1.01, 0.5), log_A=np.arange(0, 26, 5.0), log_B=np.arange(0, 26, 5.0),
-        alpha=np.arange(0, 2.01, 0.5), beta=np.arange(0, 2.01, 0.5))),
+    "chinchilla": Law(chinchilla, ("N", "D"), dict(log_E=np.arange(-1, 1.01, 0.5), log_A=np.arange(0, 26, 5.0),
+                      log_B=np.arange(0, 26, 5.0), alpha=np.arange(0, 2.01, 0.5), beta=np.arange(0, 2.01, 0.5))),
     "powerlaw": Law(powerlaw, ("x",), dict(log_L0=[-1.0, 0.0, 1.0], log_a=np.arange(0, 26, 5.0),
-                                             b=[0.1, 0.3, 0.6, 1.0])),
+                                           b=[0.1, 0.3, 0.6, 1.0])),
     "dcpt": Law(dcpt, ("N", "D", "r"), dict(_CPT_GRID, eta=[0.0, 1.0], log_C=[-3.0, 0.0], gamma=[0.5, 1.5],
                                              log_eps=[-3.0, 0.0])),
     "ptpp_power": Law(ptpp_power, ("N", "D", "r", "ptpp"), dict(_CPT_GRID, eta=[0.0, 1.0], nu=[0.0],
@@ -141,8 +101,7 @@ LAWS = {
     "ptpp_transfer": Law(ptpp_transfer, ("N", "D", "r", "ptpp"), dict(_CPT_GRID, log_k=[-5.0, 0.0],
                          kappa=[0.5, 1.0], log_F=[-5.0, -1.0], phi=[0.5, 1.0])),
 }
-CPT_LAWS = ("dcpt", "ptpp_power", "ptpp_transfer")
-
+CPT_LAWS = ("dcpt", "ptpp_power", "ptpp_transfer")  # ptpp_*: our design (the paper's equations are not public)
 
 def _law(name):
     if name not in LAWS:
@@ -150,17 +109,17 @@ def _law(name):
     return LAWS[name]
 
 def _public(raw):
-    """log_X -> X = exp(log_X); other parameters are reported as they are."""
-    return {(k[4:] if k.startswith("log_") else k): (math.exp(v) if k.startswith("log_") else v) for k, v in raw.items()}
+    """log_X -> X = exp(log_X), which keeps coefficients positive; other parameters are reported as they are."""
+    return {k.removeprefix("log_"): math.exp(v) if k.startswith("log_") else v for k, v in raw.items()}
 
 def _raw(law, public):
     out = {}
     for k in law.grid:
-        pub = k[4:] if k.startswith("log_") else k
-        v = public.get(pub)
-        if not isinstance(v, (int, float)) or (k.startswith("log_") and not v >= 0):
-            raise ScalingError(f"the fit's parameter {pub!r} is {v!r}, not a{' non-negative' * k.startswith('log_')} number")
-        out[k] = (math.log(v) if v > 0 else -math.inf) if k.startswith("log_") else float(v)  # exp(log_X) may underflow to 0
+        name, is_log = k.removeprefix("log_"), k.startswith("log_")
+        v = public.get(name)
+        if not isinstance(v, (int, float)) or (is_log and not v >= 0):
+            raise ScalingError(f"the fit's parameter {name!r} is {v!r}, not a{' non-negative' * is_log} number")
+        out[k] = (math.log(v) if v > 0 else -math.inf) if is_log else float(v)  # exp(log_X) may underflow to 0
     return out
 
 
@@ -168,12 +127,11 @@ def _raw(law, public):
 # the batched fitter
 
 def _lbfgs(f, x, max_iter=200, m=15, ftol=1e-6, gtol=1e-12):
-    """Minimise S independent problems at once; f(z, rows) -> losses, row i of z affecting loss i only.
-    Each start has its own L-BFGS memory (m = 15; m = 10 doubled the iterations on the CPT laws) and
-    line search, so one that diverges never steers the others; finished starts leave the batch. Stop
-    when an iteration gains < ftol |f| (SciPy's rule made relative; 1e-6 is about SciPy's default on
-    the benchmark), max |grad| <= gtol, or after max_iter. Bookkeeping in numpy (x: (S, K) float64),
-    whose small ops are cheaper than torch's, halved small fits; torch does the law and autograd."""
+    """Minimise S independent problems at once: f(z, rows) -> losses, row i of z (S, K) affecting loss i only.
+    Each start has its own memory (m = 15; m = 10 doubled the iterations on the CPT laws) and line search,
+    so one that diverges never steers the others; finished starts leave the batch. Stop when an iteration
+    gains < ftol |f| (SciPy's rule made relative; 1e-6 is about SciPy's default on the benchmark), max |grad|
+    <= gtol, or after max_iter. Bookkeeping in numpy, cheaper than torch for small ops (halved small fits)."""
     def fg(z, rows):
         zt = torch.from_numpy(z).requires_grad_(True)
         v = f(zt, torch.from_numpy(rows))
@@ -192,8 +150,7 @@ def _lbfgs(f, x, max_iter=200, m=15, ftol=1e-6, gtol=1e-12):
     for it in range(max_iter):
         if len(rows) == 0:
             break
-        # two-loop recursion (Nocedal & Wright 2006, Alg. 7.4), batched; a slot whose curvature pair
-        # was rejected has rho = 0 and so acts as the identity
+        # two-loop recursion (Nocedal & Wright 2006, Alg. 7.4), batched; a rejected curvature pair (rho = 0) is identity
         q, alphas = g.copy(), {}
         slots = [(it - 1 - j) % m for j in range(min(it, m))]  # newest first
         for k in slots:
@@ -206,16 +163,14 @@ def _lbfgs(f, x, max_iter=200, m=15, ftol=1e-6, gtol=1e-12):
         uphill = gd >= 0  # lost curvature: fall back to steepest descent
         d = -np.where(uphill[:, None], g, d)
         gd = np.where(uphill, -(g * g).sum(1), gd)
-        # backtracking line search, each start with its own step t
-        t, xn = np.ones_like(gd), x + d
+        t, xn = np.ones_like(gd), x + d  # backtracking line search, each start with its own step t
         fn, gn = fg(xn, rows)
         ok = fn <= fx + 1e-4 * gd
         for _ in range(40):
             todo = np.flatnonzero(~ok)
             if len(todo) == 0:
                 break
-            # minimiser of the quadratic through f(0), f'(0) and f(t), kept within [0.1 t, 0.5 t]
-            tt = t[todo]  # (an inf loss gives 0.1 t)
+            tt = t[todo]  # minimiser of the quadratic through f(0), f'(0), f(t), in [0.1 t, 0.5 t] (inf loss: 0.1 t)
             with np.errstate(divide="ignore", invalid="ignore"):
                 t[todo] = np.clip(-gd[todo] * tt * tt / (2 * (fn[todo] - fx[todo] - gd[todo] * tt)), 0.1 * tt, 0.5 * tt)
             xn[todo] = x[todo] + t[todo, None] * d[todo]
@@ -236,20 +191,10 @@ def _lbfgs(f, x, max_iter=200, m=15, ftol=1e-6, gtol=1e-12):
     X[rows], FX[rows] = x, fx
     return X, FX
 
-
 def huber_on_log(pred, actual, delta=DELTA):
     """SPEC §4: mean over points of Huber_delta(log L_hat - log L)."""
     r = torch.as_tensor(np.log(pred) - np.log(actual), dtype=torch.float64)
     return float(F.huber_loss(r, torch.zeros_like(r), delta=delta, reduction="mean"))
-
-
-def _columns(law, columns, loss):
-    """Check a law's inputs and the losses; return float64 tensors."""
-    n = len(np.atleast_1d(loss))
-    for k in law.inputs:
-        if k not in columns:
-            raise ScalingError(f"missing column {k!r}; this law needs {', '.join(law.inputs)}")
-    return {k: torch.tensor(_check(k, columns[k], n)) for k in law.inputs}, torch.tensor(_check("loss", loss, n))
 
 def _check(name, v, n):
     """Values must be finite, and positive, or in [0, 1] for mixture shares."""
@@ -263,21 +208,19 @@ def _check(name, v, n):
         raise ScalingError(f"column {name!r} must be finite and {need}, but row {bad[0] + 1} is {v[bad[0]]}")
     return v
 
-
 @dataclass
 class Fit:
     law: str
     params: dict  # reported names: E, A, alpha, ...
     loss: float  # summed Huber on log residuals at the optimum
     n: int  # number of points fitted
-    ci: dict = field(default=None)  # parameter -> [2.5%, 97.5%] bootstrap percentiles
+    ci: dict = None  # parameter -> [2.5%, 97.5%] bootstrap percentiles
 
     def predict(self, **inputs):
         law = _law(self.law)
-        x = {k: torch.as_tensor(np.asarray(inputs[k], dtype=np.float64)).reshape(-1)
-             for k in law.inputs if k in inputs}
-        if len(x) < len(law.inputs):
+        if not set(law.inputs) <= inputs.keys():
             raise ScalingError(f"law {self.law} needs inputs {', '.join(law.inputs)}")
+        x = {k: torch.as_tensor(np.asarray(inputs[k], dtype=np.float64)).reshape(-1) for k in law.inputs}
         p = {k: torch.tensor([[v]], dtype=torch.float64) for k, v in _raw(law, self.params).items()}
         return torch.exp(law.fn(x, p))[0].numpy()
 
@@ -291,64 +234,60 @@ class Fit:
         _raw(_law(d["law"]), d["params"])
         return cls(d["law"], d["params"], d.get("loss", math.nan), d.get("n", 0), d.get("ci"))
 
-
 def fit_law(law_name, columns, loss, bootstrap=0, grid=None, seed=0):
-    """Fit a law to points: columns maps input names to arrays, loss is the observed loss.
-    grid overrides the law's initial grid (dict parameter -> values). bootstrap > 0 adds percentile CIs."""
-    law = _law(law_name)
-    x, y = _columns(law, columns, loss)
-    grid = grid or law.grid
+    """From each start of the grid (law.grid, or grid), minimise the SUM over points of Huber_delta(log L_hat - log L)
+    (SPEC §5, Besiroglu et al. 2024); bootstrap > 0 adds 95% percentile CIs."""
+    law, n = _law(law_name), len(np.atleast_1d(loss))
+    for k in law.inputs:
+        if k not in columns:
+            raise ScalingError(f"missing column {k!r}; this law needs {', '.join(law.inputs)}")
+    x = {k: torch.tensor(_check(k, columns[k], n)) for k in law.inputs}
+    logy = torch.log(torch.tensor(_check("loss", loss, n)))
     names = list(law.grid)
-    if len(y) < len(names):
-        raise ScalingError(f"law {law_name} has {len(names)} parameters but only {len(y)} points were given")
-    logy = torch.log(y)
+    if n < len(names):
+        raise ScalingError(f"law {law_name} has {len(names)} parameters but only {n} points were given")
 
-    def objective(weights):  # weights: (S, P) point counts (bootstrap) or None
-        def f(z, rows):
-            h = F.huber_loss(law.fn(x, {k: z[:, i:i + 1] for i, k in enumerate(names)}),
-                             logy.expand(len(z), -1), delta=DELTA, reduction="none")
-            return (h if weights is None else h * weights[rows]).sum(1)
-        return f
+    def objective(z, rows, weights=None):  # weights: (S, P) point counts, for the bootstrap
+        h = F.huber_loss(law.fn(x, {k: z[:, i:i + 1] for i, k in enumerate(names)}), logy.expand(len(z), -1),
+                         delta=DELTA, reduction="none")
+        return (h if weights is None else h * weights[rows]).sum(1)
 
-    starts = np.array(list(itertools.product(*(grid[k] for k in names))), dtype=np.float64)
+    starts = np.array(list(itertools.product(*((grid or law.grid)[k] for k in names))), dtype=np.float64)
     threads = torch.get_num_threads()
     # one thread: on the shared 2-core dev machine two threads made the 4,500-start fit 6x slower
     # (60 s vs 9 s), as the many small late batches pay thread synchronisation on every op
     torch.set_num_threads(1)
     try:
-        theta, val = _lbfgs(objective(None), starts)
+        theta, val = _lbfgs(objective, starts)
         if not np.isfinite(val).any():
             raise ScalingError(f"law {law_name} could not be fitted: every start gave a non-finite loss")
         # polish the 10 best to a relative gain of 1e-12 (few starts, so cheap): the 200-iteration cap
         # and, along flat valleys such as dcpt's (C, gamma, eps), ftol = 1e-6 halt early (eps 10% off)
-        theta, val = _lbfgs(objective(None), theta[np.argsort(val)[:10]], max_iter=3000, ftol=1e-12, gtol=0.0)
+        polish = dict(max_iter=3000, ftol=1e-12, gtol=0.0)
+        theta, val = _lbfgs(objective, theta[np.argsort(val)[:10]], **polish)
         theta, val = theta[np.argmin(val)], np.min(val)
         ci = None
         if bootstrap > 0:
-            # resampling points with replacement = weighting each point by its draw count; every
-            # replicate starts from the full-data optimum and all run as one batch (a local bootstrap)
-            g = np.random.default_rng(seed)
-            w = torch.tensor(g.multinomial(len(y), np.full(len(y), 1 / len(y)), size=bootstrap), dtype=torch.float64)
-            th, v = _lbfgs(objective(w), np.tile(theta, (bootstrap, 1)), max_iter=3000, ftol=1e-12, gtol=0.0)
+            # resampled points = draw-count weights; all replicates start at the full-data optimum, in one batch
+            w = torch.tensor(np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=bootstrap),
+                             dtype=torch.float64)
+            th, v = _lbfgs(lambda z, rows: objective(z, rows, w), np.tile(theta, (bootstrap, 1)), **polish)
             reps = [_public(dict(zip(names, r))) for r in th[np.isfinite(v)].tolist()]
             ci = {k: [float(np.percentile([r[k] for r in reps], q)) for q in (2.5, 97.5)] for k in reps[0]}
     finally:
         torch.set_num_threads(threads)
-    return Fit(law_name, _public(dict(zip(names, theta.tolist()))), float(val), len(y), ci)
-
+    return Fit(law_name, _public(dict(zip(names, theta.tolist()))), float(val), n, ci)
 
 def metrics(pred, actual, before=None):
-    """SPEC §4 metrics (our definitions): Huber-on-log (mean), MAE_rel = mean|L_hat - L| / mean|L -
-    L_before| (error relative to the adaptation gain; None without before), calibration slope (least-
-    squares slope of L on L_hat; ideal 1), RMSE, MAPE = 100 mean|L_hat - L| / L."""
+    """SPEC §4 metrics (our definitions): Huber-on-log (mean); MAE_rel = mean|L_hat - L| / mean|L - L_before| (None
+    without before); calibration slope: least squares of L on L_hat (ideal 1); RMSE; MAPE = 100 mean|L_hat - L| / L."""
     p, a = np.asarray(pred, np.float64), np.asarray(actual, np.float64)
-    err, dp = p - a, p - p.mean()
+    err, dp, da = p - a, p - p.mean(), a - a.mean()
     gain = None if before is None else np.mean(np.abs(a - np.asarray(before, np.float64)))
     return dict(huber_on_log=huber_on_log(p, a),
                 mae_rel=None if not gain else float(np.mean(np.abs(err)) / gain),
-                calibration_slope=float((dp * (a - a.mean())).sum() / (dp * dp).sum()) if (dp * dp).sum() > 0 else None,
-                rmse=float(np.sqrt(np.mean(err ** 2))),
-                mape=float(100 * np.mean(np.abs(err) / a)))
+                calibration_slope=float((dp * da).sum() / (dp * dp).sum()) if (dp * dp).sum() > 0 else None,
+                rmse=float(np.sqrt(np.mean(err ** 2))), mape=float(100 * np.mean(np.abs(err) / a)))
 
 
 # -----------------------------------------------------------------------------
@@ -370,16 +309,16 @@ def read_csv(path, required, optional=()):
         raise ScalingError(f"{path} has no column {missing[0]!r} (it has: {', '.join(header) or 'nothing'})"
                            if missing else f"{path} has no data rows")
     out = {}
-    for c in list(required) + [c for c in optional if c in header]:
-        for i, row in enumerate(rows):
-            try:
-                row[c] = float(row[c])
-            except (TypeError, ValueError):
-                raise ScalingError(f"{path}: column {c!r} row {i + 1} is {row[c]!r}, not a number")
-        try:
+    try:
+        for c in list(required) + [c for c in optional if c in header]:
+            for i, row in enumerate(rows):
+                try:
+                    row[c] = float(row[c])
+                except (TypeError, ValueError):
+                    raise ScalingError(f"column {c!r} row {i + 1} is {row[c]!r}, not a number")
             out[c] = _check(c, [row[c] for row in rows], len(rows))
-        except ScalingError as e:
-            raise ScalingError(f"{path}: {e}")
+    except ScalingError as e:
+        raise ScalingError(f"{path}: {e}")
     return out
 
 def _read_json(path):
@@ -390,13 +329,10 @@ def _read_json(path):
         raise ScalingError(f"cannot read {path}: {e}")
 
 def read_runs(path):
-    """CPT runs from one run directory or a folder of them (SPEC §7): config.json's "cpt" block gives
-    N, PTPP, replay and the domain names; log.jsonl's eval at step 0 the "before" losses and its last
-    eval the "after" losses."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        dirs = [path]
-    else:
-        dirs = sorted(os.path.join(path, d) for d in os.listdir(path) if os.path.exists(os.path.join(path, d, "config.json")))
+    """CPT runs from one run directory or a folder of them (SPEC §7): config.json's "cpt" block gives N,
+    PTPP, replay and the domain names; log.jsonl's eval at step 0 the "before" losses, its last the "after"."""
+    is_run = lambda d: os.path.exists(os.path.join(d, "config.json"))
+    dirs = [path] if is_run(path) else [d for d in sorted(os.path.join(path, n) for n in os.listdir(path)) if is_run(d)]
     rows = []
     for d in dirs:
         cfg = _read_json(os.path.join(d, "config.json"))
@@ -423,19 +359,16 @@ def read_runs(path):
         rows.append(row)
     if not rows:
         raise ScalingError(f"{path} holds no CPT run directories")
-    return {k: _check(k, [r.get(k, math.nan) for r in rows], len(rows)) for k in CPT_COLUMNS + CPT_BEFORE
+    return {k: _check(k, [r[k] for r in rows], len(rows)) for k in CPT_COLUMNS + CPT_BEFORE
             if all(k in r for r in rows)}
 
 def load_cpt(spec):
     """CPT runs from a comma-separated list of CSV files and run directories, as one table."""
     parts = []
     for path in spec.split(","):
-        if os.path.isdir(path):
-            parts.append(read_runs(path))
-        elif os.path.isfile(path):
-            parts.append(read_csv(path, CPT_COLUMNS, CPT_BEFORE))
-        else:
+        if not (os.path.isdir(path) or os.path.isfile(path)):
             raise ScalingError(f"{path} is neither a CSV file nor a directory")
+        parts.append(read_runs(path) if os.path.isdir(path) else read_csv(path, CPT_COLUMNS, CPT_BEFORE))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if all(k in p for p in parts)}
 
 
@@ -452,12 +385,10 @@ def _edge(passes, bad, good, iters=40):
 
 def plan(target, base, N, ptpp=None, target_loss=None, max_forgetting=math.inf, max_compute=None,
          base_loss_before=None, n_r=1000):
-    """Choose the replay ratio r and CPT tokens D. With target_loss: the least compute C = 6 N D such
-    that target loss <= target_loss, forgetting <= max_forgetting (and C <= max_compute); without:
-    the least target loss with C <= max_compute and forgetting <= max_forgetting. target and base are
-    Fits of the target- and base-domain loss (share of the modelled domain: 1 - r and r), assumed to
-    fall and to rise with D respectively. Returns the best point and the frontier: for every r on a
-    grid of step 1/n_r in [0, 1), the D chosen (bisected to 1e-12 relative) and what it gives."""
+    """Choose the replay ratio r and CPT tokens D: with target_loss, the least compute C = 6 N D that reaches it,
+    else the least target loss; always forgetting <= max_forgetting and C <= max_compute. target, base: Fits of the
+    target- and base-domain loss (modelled share 1 - r and r), assumed to fall and to rise with D. Returns the best
+    point and the frontier: for every r in [0, 1) in steps of 1/n_r, the D chosen (bisected to 1e-12 relative)."""
     r = np.arange(n_r) / n_r
     T = lambda D, rr=r: target.predict(N=N, D=D, r=1 - rr, ptpp=ptpp)
     if base_loss_before is None:  # the base law's own pre-CPT loss, if it has one (D -> 0)
@@ -468,17 +399,16 @@ def plan(target, base, N, ptpp=None, target_loss=None, max_forgetting=math.inf, 
     if target_loss is not None:  # least D per r meeting the target, on a log grid then by bisection
         Dg = N * np.logspace(-3, 4, 71)  # CPT from 0.001 to 10,000 tokens per parameter
         meets = T(np.tile(Dg, n_r), np.repeat(r, len(Dg))).reshape(n_r, -1) <= target_loss
-        i = np.where(meets.any(1), meets.argmax(1), -1)
-        D = np.where(i > 0, _edge(lambda d: T(d) <= target_loss, Dg[i - 1], Dg[i]), np.where(i == 0, Dg[0], np.nan))
+        i = meets.argmax(1)  # the first D that meets it; at i = 0 both ends are Dg[0] and so is the result
+        D = np.where(meets.any(1), _edge(lambda d: T(d) <= target_loss, Dg[np.maximum(i - 1, 0)], Dg[i]), np.nan)
     else:  # largest D per r under the compute cap that keeps forgetting within budget
         Dg = max_compute / (6 * N) * np.logspace(-7, 0, 71)
         ok = forget(np.tile(Dg, n_r), np.repeat(r, len(Dg))).reshape(n_r, -1) <= max_forgetting
-        j = np.where(ok.any(1), len(Dg) - 1 - ok[:, ::-1].argmax(1), -1)
-        jn = np.minimum(j + 1, len(Dg) - 1)
-        D = np.where(j == len(Dg) - 1, Dg[-1], np.where(j >= 0, _edge(lambda d: forget(d) <= max_forgetting, Dg[jn], Dg[j]), np.nan))
+        j = len(Dg) - 1 - ok[:, ::-1].argmax(1)  # the last D that passes; at the grid's end both ends are Dg[-1]
+        bad = Dg[np.minimum(j + 1, len(Dg) - 1)]
+        D = np.where(ok.any(1), _edge(lambda d: forget(d) <= max_forgetting, bad, Dg[j]), np.nan)
     with np.errstate(invalid="ignore"):
-        C, loss, fg = 6 * N * D, T(np.nan_to_num(D, nan=1.0)), forget(np.nan_to_num(D, nan=1.0))
-        loss, fg = np.where(np.isnan(D), np.nan, loss), np.where(np.isnan(D), np.nan, fg)
+        C, loss, fg = 6 * N * D, T(D), forget(D)  # NaN where no D passes
         feasible = ~np.isnan(D) & (fg <= max_forgetting) & (C <= (max_compute or math.inf))
     if not feasible.any():
         raise ScalingError("no replay ratio and token budget meet these constraints under this law")
@@ -491,18 +421,13 @@ def plan(target, base, N, ptpp=None, target_loss=None, max_forgetting=math.inf, 
 # -----------------------------------------------------------------------------
 # commands
 
-def _write(path, text):  # temporary name, then rename: nothing half-written looks complete
-    with open(path + ".tmp", "w") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
-
-def _figure(ncols):
+@contextlib.contextmanager
+def _figure(path, ncols):  # yields a row of ncols axes; saved to a temporary name, then renamed
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
-
-def _savefig(fig, path):
+    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
+    yield axes[0]
     fig.tight_layout()
     fig.savefig(path + ".tmp", format="png", dpi=120, bbox_inches="tight")
     os.replace(path + ".tmp", path)
@@ -538,9 +463,8 @@ def cmd_fit(law, data, bootstrap, json, plot):
         for k, v in fit.params.items():
             print(f"  {k:>6} = {v:.6g}" + (f"   95% CI [{fit.ci[k][0]:.4g}, {fit.ci[k][1]:.4g}]" if fit.ci else ""))
     if plot:
-        fig, ax = _figure(1)
-        _plot_pred(ax[0, 0], fit.predict(**cols), cols["loss"], law)
-        _savefig(fig, plot)
+        with _figure(plot, 1) as axes:
+            _plot_pred(axes[0], fit.predict(**cols), cols["loss"], law)
 
 def cmd_optimal(fit, compute, json):
     f = _load_fit(fit)
@@ -558,7 +482,8 @@ def cmd_cpt(data, train_ptpp, test_ptpp, save, json, plot):
     near = lambda ps: np.any([np.abs(runs["ptpp"] - p) <= 0.01 * p for p in ps], axis=0)  # PTPPs match to 1%
     for p in train_ptpp + test_ptpp:
         if not near([p]).any():
-            raise ScalingError(f"no run in {data} has PTPP {p:g} (it has {', '.join(f'{v:g}' for v in np.unique(runs['ptpp']))})")
+            have = ", ".join(f"{v:g}" for v in np.unique(runs["ptpp"]))
+            raise ScalingError(f"no run in {data} has PTPP {p:g} (it has {have})")
     train, test = near(train_ptpp), near(test_ptpp)
     report, fits, preds = {}, {}, {}
     for law, loss in itertools.product(CPT_LAWS, ("target", "base")):
@@ -567,36 +492,41 @@ def cmd_cpt(data, train_ptpp, test_ptpp, save, json, plot):
         fit = fit_law(law, {k: v[train] for k, v in cols.items()}, runs[loss + "_loss"][train])
         preds[law, loss] = fit.predict(**{k: v[test] for k, v in cols.items()})
         before = runs[loss + "_loss_before"][test] if loss + "_loss_before" in runs else None
-        report.setdefault(law, {})[loss] = dict(metrics(preds[law, loss], runs[loss + "_loss"][test], before), params=fit.params)
+        m = metrics(preds[law, loss], runs[loss + "_loss"][test], before)
+        report.setdefault(law, {})[loss] = dict(m, params=fit.params)
         fits.setdefault(law, {})[loss] = fit.to_json()
-    if save:  # the file `plan --fit=` reads
-        _write(save, _json(fits))
+    if save:  # the file `plan --fit=` reads; a temporary name, then rename: nothing half-written looks complete
+        with open(save + ".tmp", "w") as fh:
+            fh.write(_json(fits))
+        os.replace(save + ".tmp", save)
     if json:
-        print(_json(dict(train_ptpp=train_ptpp, test_ptpp=test_ptpp, n_train=int(train.sum()), n_test=int(test.sum()), laws=report)))
+        print(_json(dict(train_ptpp=train_ptpp, test_ptpp=test_ptpp, n_train=int(train.sum()), n_test=int(test.sum()),
+                         laws=report)))
     else:
         print(f"fit on PTPP {train_ptpp} ({train.sum()} runs), predict PTPP {test_ptpp} ({test.sum()} runs)")
         print(f"{'law':<14} {'loss':<7} {'huber_log':>10} {'MAE_rel':>8} {'slope':>6} {'RMSE':>8} {'MAPE%':>6}")
         fmt = lambda v, f: "-" if v is None else format(v, f)
-        for (law, loss), m in ((k, report[k[0]][k[1]]) for k in preds):
+        for law, loss in preds:
+            m = report[law][loss]
             print(f"{law:<14} {loss:<7} {m['huber_on_log']:>10.3g} {fmt(m['mae_rel'], '.3f'):>8} "
                   f"{fmt(m['calibration_slope'], '.2f'):>6} {m['rmse']:>8.4f} {m['mape']:>6.2f}")
     if plot:
-        fig, axes = _figure(2)
-        for ax, loss in zip(axes[0], ("target", "base")):
-            for law in CPT_LAWS:
-                _plot_pred(ax, preds[law, loss], runs[loss + "_loss"][test], law)
-            ax.set_title(f"{loss} loss at PTPP {', '.join(f'{p:g}' for p in test_ptpp)}")
-            ax.legend()
-        _savefig(fig, plot)
+        with _figure(plot, 2) as axes:
+            for ax, loss in zip(axes, ("target", "base")):
+                for law in CPT_LAWS:
+                    _plot_pred(ax, preds[law, loss], runs[loss + "_loss"][test], law)
+                ax.set_title(f"{loss} loss at PTPP {', '.join(f'{p:g}' for p in test_ptpp)}")
+                ax.legend()
 
 def cmd_plan(fit, law, N, ptpp, target_loss, max_forgetting, max_compute, base_loss_before, json, plot):
     if len(fit.split(",")) == 2:  # two `fit --json` files: target law, base law
         target, base = map(_load_fit, fit.split(","))
     else:  # a bundle written by `cpt --save`
         bundle = _read_json(fit)
-        if not isinstance(bundle, dict) or not isinstance(bundle.get(law), dict) or not {"target", "base"} <= bundle[law].keys():
+        pair = bundle.get(law) if isinstance(bundle, dict) else None
+        if not isinstance(pair, dict) or not {"target", "base"} <= pair.keys():
             raise ScalingError(f"{fit} is not a `cpt --save` file with law {law!r}; give that or two fit files")
-        target, base = Fit.from_json(bundle[law]["target"]), Fit.from_json(bundle[law]["base"])
+        target, base = Fit.from_json(pair["target"]), Fit.from_json(pair["base"])
     if target_loss is None and max_compute is None:
         raise ScalingError("plan needs --target_loss (least compute) or --max_compute (least loss)")
     if not N > 0 or (ptpp is None and "ptpp" in _law(target.law).inputs + _law(base.law).inputs):
@@ -613,15 +543,13 @@ def cmd_plan(fit, law, N, ptpp, target_loss, max_forgetting, max_compute, base_l
         print(f"best: replay r = {b['r']:.3f}, D = {b['D']:.4g} tokens, compute = {b['compute']:.4g} FLOPs, "
               f"target loss {b['target_loss']:.4f}, forgetting {b['forgetting']:.4f}")
     if plot:
-        fig, axes = _figure(2)
-        for ax, k in zip(axes[0], ("compute" if target_loss is not None else "target_loss", "forgetting")):
-            ax.plot(fr["r"], fr[k])
-            ax.plot([b["r"]], [b[k]], "r*", ms=12)
-            ax.set(xlabel="replay ratio r", ylabel=k, yscale="log" if k == "compute" else "linear")
-        if math.isfinite(max_forgetting):
-            axes[0, 1].axhline(max_forgetting, color="k", ls="--", lw=0.8)
-        _savefig(fig, plot)
-
+        with _figure(plot, 2) as axes:
+            for ax, k in zip(axes, ("compute" if target_loss is not None else "target_loss", "forgetting")):
+                ax.plot(fr["r"], fr[k])
+                ax.plot([b["r"]], [b[k]], "r*", ms=12)
+                ax.set(xlabel="replay ratio r", ylabel=k, yscale="log" if k == "compute" else "linear")
+            if math.isfinite(max_forgetting):
+                axes[1].axhline(max_forgetting, color="k", ls="--", lw=0.8)
 
 def _floats(s):
     return [float(v) for v in s.split(",")]
