@@ -179,6 +179,18 @@ def _rate(step, tokens, warmup=1, steps=None):
     return tokens / t
 
 
+def _alternate(steps, rounds):
+    """Best time of each callable in {name: step}, timed in turns (A, B, A, B, ...) so that the shared machine's
+    load changes hit all of them alike; each is called once first (a warm-up, and the compile where there is one)."""
+    for step in steps.values():
+        step()
+    best = {name: float("inf") for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            best[name] = min(best[name], best_time(step, 1)[0])
+    return best
+
+
 def bench_train():
     """Training tok/s and MFU (against bench_peak's matmul peak of the same dtype) of the tiny preset and the
     6-layer d = 384 model, fp32 and bf16 autocast, eager and torch.compile'd, at a constant tokens_per_step()."""
@@ -187,14 +199,16 @@ def bench_train():
     grid, n = [("tiny", 256), ("d384", 256), ("d384", 1024)], tokens_per_step()
     for name, T in grid:
         for dtype in dtypes():
-            for compiled in (False, True):
+            models, steps = {}, {}
+            for mode in ("eager", "compiled"):  # eager and compiled in turns: their ratio is what load cannot move
                 torch.manual_seed(0)
-                m = _gpt(T, preset="tiny") if name == "tiny" else _gpt(T, **D384)
-                rate = _rate(_step_fn(m, T, n // T, dtype, compiled), n)
-                key = f"{name}_T{T}_{dtype}_{'compiled' if compiled else 'eager'}"
-                out[key + "_tok_s"] = round(rate)
-                runs.append((key, m, rate, T, dtype))
-                torch._dynamo.reset()
+                models[mode] = _gpt(T, preset="tiny") if name == "tiny" else _gpt(T, **D384)
+                steps[mode] = _step_fn(models[mode], T, n // T, dtype, mode == "compiled")
+            for mode, t in _alternate(steps, 2 if QUICK else 4).items():
+                key = f"{name}_T{T}_{dtype}_{mode}"
+                out[key + "_tok_s"] = round(n / t)
+                runs.append((key, models[mode], n / t, T, dtype))
+            torch._dynamo.reset()
     # the peak again after the runs, keeping the best: other jobs' load moves it by 2-3x on the shared machine, and an
     # MFU against a peak measured under heavier load than the run itself would exceed 1
     old = dict(_peaks)
@@ -218,11 +232,7 @@ def bench_alibi():
             for impl in ("sdpa", "causal"):
                 torch.manual_seed(0)
                 steps[impl] = _step_fn(_gpt(T, impl, **D384), T, n // T, dtype, False)
-                steps[impl]()  # warm up
-            best = {impl: float("inf") for impl in steps}
-            for _ in range(3 if QUICK else 6):
-                for impl, step in steps.items():
-                    best[impl] = min(best[impl], best_time(step, 1)[0])
+            best = _alternate(steps, 3 if QUICK else 6)
             out[f"T{T}_{dtype}_alibi_tok_s"] = round(n / best["sdpa"])
             out[f"T{T}_{dtype}_causal_tok_s"] = round(n / best["causal"])
             out[f"T{T}_{dtype}_overhead"] = round(best["sdpa"] / best["causal"] - 1, 3)
@@ -240,10 +250,7 @@ def mpt_rates(T, B, dtype):
     peer = MptForCausalLM(cfg)
     peer.config.use_cache = False
     steps = {"ours": _step_fn(_gpt(T, **D384), T, B, dtype, False), "mpt": _step_fn(peer, T, B, dtype, False)}
-    best = {}
-    for _ in range(3 if QUICK else 5):  # the first round warms up and counts only if nothing later beats it
-        for name, step in steps.items():
-            best[name] = min(best.get(name, float("inf")), best_time(step, 1)[0])
+    best = _alternate(steps, 2 if QUICK else 4)
     return {name: B * T / t for name, t in best.items()}
 
 
