@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mup import MupError, batch_opt, lr_factor, tau, tau_opt, weight_decay_for_tau  # the training side of the recipe
+
 X_REPORT = [0.25, 0.5, 0.75, 0.9]  # where Δ and σ are reported
 COMPLETE = 0.99  # a curve whose last x is below this is a partial run
 
@@ -28,30 +30,10 @@ class CollapseError(Exception):
 # -----------------------------------------------------------------------------
 # recipes: AdamW timescale and Power Lines (Bergsma et al. 2025, arXiv 2505.13738)
 
-def tau(lr, weight_decay, batch, tokens):
-    """AdamW timescale as a fraction of the run, τ = B/(η·λ·D) = 1/(η·λ·T); B, D in the same unit."""
-    return batch / (lr * weight_decay * tokens)
-
-
-def weight_decay_for_tau(tau, lr, batch, tokens):
-    """The λ that hits a target τ: λ = B/(η·τ·D) (SPEC §3)."""
-    return batch / (lr * tau * tokens)
-
-
-def tau_opt(tpp):
-    """Power Lines: τ_opt = 1.084 · TPP^(−0.527)."""
-    return 1.084 * tpp ** -0.527
-
-
-def batch_opt(tokens, in_tokens=False):
-    """Power Lines: B_opt = 0.0306 · D^0.383 sequences of 2,048 tokens (D in tokens); in_tokens=True: tokens."""
-    b = 0.0306 * tokens ** 0.383
-    return b * 2048 if in_tokens else b
-
-
 def recipe(params, tpp, lr=1.2e-2, seq_len=2048):
     """A compute-efficient run: D = TPP·N, B = B_opt(D) in whole sequences, T = D/B steps, λ hitting τ_opt(TPP).
-    lr is the base (µP proxy) peak LR η; CompleteP's hidden-matrix η/m_N and λ·m_N keep ηλ, hence τ (SPEC §2)."""
+    τ is every decayed group's timescale as train.py's --tau sets it: λ is the base λ (embedding) at the base
+    peak LR η, and the hidden matrices, at η/m_N under µP and CompleteP, get λ·m_N, so their τ is the same."""
     if params <= 0 or tpp <= 0 or lr <= 0 or seq_len <= 0:
         raise CollapseError(f"recipe needs positive params, tpp, lr and seq_len (got {params}, {tpp}, {lr}, {seq_len})")
     B_seqs = max(1, round(batch_opt(tpp * params, in_tokens=True) / seq_len))
@@ -65,18 +47,12 @@ def recipe(params, tpp, lr=1.2e-2, seq_len=2048):
 # -----------------------------------------------------------------------------
 # LR schedules η(x) relative to the peak, and a synthetic family to test the tools on
 
-def lr_shape(x, schedule, warmup=0.0, final=0.1):
-    """Relative LR at run fraction x: linear warmup over `warmup`, then d2z (linear to 0), linear (to `final`),
-    cosine (to `final`), constant, or wsd (flat, then linear to 0 over the last 20%)."""
-    x = np.asarray(x, float)
-    w = np.clip(x / warmup, 0.0, 1.0) if warmup > 0 else np.ones_like(x)
-    s = np.clip((x - warmup) / (1 - warmup), 0.0, 1.0)  # progress through the post-warmup phase
-    shapes = {"d2z": lambda: 1 - s, "linear": lambda: 1 - (1 - final) * s,
-              "cosine": lambda: final + (1 - final) * 0.5 * (1 + np.cos(np.pi * s)),
-              "constant": lambda: np.ones_like(s), "wsd": lambda: np.clip((1 - x) / 0.2, 0.0, 1.0)}
-    if schedule not in shapes:
-        raise CollapseError(f"unknown LR schedule {schedule!r}; known: {', '.join(shapes)}")
-    return w * shapes[schedule]()
+def lr_shape(x, schedule, warmup=0.0, final_lr_frac=0.0085, wsd_decay=0.2, steps=10 ** 6):
+    """η(x): train.py's LR schedule (mup.lr_factor) as a fraction of the peak at run fraction x of `steps`."""
+    try:
+        return lr_factor(np.asarray(x, float) * steps, steps, schedule, warmup, final_lr_frac, wsd_decay)
+    except MupError as e:
+        raise CollapseError(str(e)) from None
 
 
 def nq_variance(x, tau, schedule="d2z", warmup=0.05, kappa=1.0):
@@ -109,6 +85,7 @@ class Curve:
     tau: float = None
     warmup: float = 0.0
     eta: np.ndarray = None   # logged LR / peak LR at each x, when known
+    lr_args: dict = None     # final_lr_frac, wsd_decay and steps of the run's schedule, from its config.json
 
 
 def synthetic(sizes, tau=0.2, seeds=1, schedule="d2z", warmup=0.05, L0=0.0, noise=0.0, seed_sd=0.0,
@@ -168,7 +145,9 @@ def load_run(path):
     num = lambda k: np.array([r[k] if isinstance(r.get(k), (int, float)) else np.nan for r in rows], float)
     return _checked(Curve(os.path.basename(os.path.normpath(path)), num("tokens") / cfg["D"], num("loss"),
                           cfg.get("N"), cfg.get("seed"), cfg.get("schedule"), cfg.get("TPP"), cfg.get("tau"),
-                          cfg.get("warmup") or 0.0, num("lr")), path)
+                          cfg.get("warmup") or 0.0, num("lr"),
+                          {k: cfg[k] for k in ("final_lr_frac", "wsd_decay") if isinstance(cfg.get(k), (int, float))}
+                          | ({"steps": cfg["T"]} if isinstance(cfg.get("T"), int) and cfg["T"] > 0 else {})), path)
 
 
 def load_csv(path, x=None, size_col=None, seed_col=None):
@@ -344,7 +323,7 @@ def eta_of(c):
     if c.eta is not None and c.x[-1] >= COMPLETE:
         return lambda x: np.interp(x, c.x, c.eta)
     if c.schedule:
-        return lambda x: lr_shape(x, c.schedule, c.warmup)
+        return lambda x: lr_shape(x, c.schedule, c.warmup, **(c.lr_args or {}))
     raise CollapseError(f"run {c.name!r} has neither a logged LR nor a schedule; the parametric shape needs η(x)")
 
 

@@ -58,6 +58,9 @@ class GPTConfig:
             raise ModelError(f"unknown attn_impl {self.attn_impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_impl == "flex" and (self.dropout > 0 or self.n_embd // self.n_head < 16):
+            raise ModelError(f"attn_impl='flex' needs head_dim ≥ 16 and no dropout (got head_dim "
+                             f"{self.n_embd // self.n_head}, dropout {self.dropout}); use 'auto' or 'sdpa'")
         if self.n_inner == 0:
             self.n_inner = int(8 * self.n_embd / 3)
 
@@ -133,32 +136,38 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[0], cache[1] = k, v
         S = k.size(2)  # keys: past + T, at absolute positions 0..S-1; queries at past..S-1
-        impl = self.impl
-        if impl == "auto":
-            impl = "flex" if x.is_cuda and past == 0 and not torch.jit.is_tracing() else "sdpa"
         drop = self.dropout if self.training else 0.0
+        impl = self.impl
+        if impl == "auto":  # flex needs head_dim ≥ 16 and has no attention dropout; SDPA serves every other case
+            flex_ok = x.is_cuda and past == 0 and drop == 0.0 and C // self.n_head >= 16
+            impl = "flex" if flex_ok and not torch.jit.is_tracing() else "sdpa"
         if impl == "flex":
             y = flex_alibi_attention(q, k, v, self.slopes, self.scale)
         elif impl == "naive":
-            y = self.naive(q, k, v, past)
+            y = self.naive(q, k, v, past, drop)
         else:
             # score − m_h·(i − j) = score + m_h·j − m_h·i, and −m_h·i is constant along a softmax row, so a per-key
-            # bias m_h·j of shape (1, H, 1, S) with causal masking gives exactly ALiBi (SPEC §1) at the memory cost
-            # of plain causal attention. It stays in fp32: in bf16, m_h·j loses precision at long context.
+            # bias m_h·j of shape (1, H, 1, S) with causal masking gives exactly ALiBi (Press et al. 2022, §3) at the
+            # memory cost of plain causal attention.
             bias = None
             if impl != "causal":
                 pos = torch.arange(S, device=x.device, dtype=self.slopes.dtype)
                 bias = (self.slopes[:, None, None] * pos).unsqueeze(0)
-            if past == 0:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True, dropout_p=drop,
-                                                   scale=self.scale)
-            elif T == 1:  # decoding one token: it sees every key, so the per-key bias is the whole mask
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-            else:  # chunked prefill: query i (absolute past + i) sees keys j ≤ past + i
+            causal = past == 0 and drop == 0.0  # SDPA's own causal masking; it refuses is_causal with a mask + dropout
+            mask = bias
+            if not causal and T > 1:  # query i (absolute past + i) sees keys j ≤ past + i, as an explicit (T, S) mask
                 allowed = torch.arange(S, device=x.device)[None, :] <= past + torch.arange(T, device=x.device)[:, None]
                 mask = torch.zeros(T, S, device=x.device).masked_fill(~allowed, float("-inf"))
                 mask = mask if bias is None else mask + bias
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale)
+            # m_h·j must stay fp32: in bf16 it is off by whole units at key positions in the thousands. Autocast would
+            # round it, so SDPA runs outside autocast on the bf16 q, k, v autocast made; the CPU kernel adds an fp32
+            # mask to bf16 scores exactly. CUDA kernels may take the mask at q's precision: there q, k, v go fp32.
+            dtype = q.dtype
+            if mask is not None and x.device.type != "cpu" and dtype != mask.dtype:
+                q, k, v = q.to(mask.dtype), k.to(mask.dtype), v.to(mask.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=drop,
+                                                   scale=self.scale).to(dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -170,13 +179,13 @@ class CausalSelfAttention(nn.Module):
         self.slopes = alibi_slopes(self.n_head).to(device=self.slopes.device, dtype=dtype)
         return self
 
-    def naive(self, q, k, v, past=0):
+    def naive(self, q, k, v, past=0, drop=0.0):
         """The textbook reference: softmax(q·kᵀ·scale − m·|i − j| + causal mask)·v with a full (H, T, S) bias."""
         T, S = q.size(-2), k.size(-2)
         i = torch.arange(past, past + T, device=q.device)[:, None]
         j = torch.arange(S, device=q.device)[None, :]
         att = (q @ k.transpose(-2, -1)).float() * self.scale - self.slopes[:, None, None] * (i - j).abs()
-        att = att.masked_fill(j > i, float("-inf")).softmax(dim=-1)
+        att = F.dropout(att.masked_fill(j > i, float("-inf")).softmax(dim=-1), drop)
         return att.to(v.dtype) @ v
 
 
@@ -261,9 +270,10 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (bench.py measures the peak)."""
         return self.flops_per_token(T) * tokens_per_s / peak_flops
 
-    def configure_optimizers(self, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, fused=None):
-        """AdamW over mup.py's param groups, each with its own lr (and `lr_mult` for the schedule), λ and ε."""
-        groups = param_groups(self, lr, weight_decay, eps)
+    def configure_optimizers(self, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, fused=None, width_scaled_wd=False):
+        """AdamW over mup.py's param groups, each with its own lr (and `lr_mult` for the schedule), λ and ε;
+        width_scaled_wd gives µP's hidden matrices λ·m_N, so every group has the same AdamW timescale."""
+        groups = param_groups(self, lr, weight_decay, eps, width_scaled_wd)
         if fused is None:
             fused = all(p.device.type in ("cuda", "cpu") for p in self.parameters())
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)

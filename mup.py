@@ -17,6 +17,8 @@ import math
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+
 PARAMS = ("sp", "mup", "completep")
 
 # BTLM-3B-8K's tuned µP base values (Dey et al. 2023, Table 2 / SPEC §2): the defaults of every model here
@@ -79,30 +81,39 @@ class Parameterisation:
             return {"sp": s / math.sqrt(2 * L), "mup": s / math.sqrt(mN * 2 * L), "completep": s / math.sqrt(mN)}[self.name]
         raise MupError(f"unknown weight kind {kind!r}")
 
-    # ---- optimizer -------------------------------------------------------------------------------------------
+    # ---- optimizer ---------------------------------------------------------------------------------------------
     def lr_mult(self, kind):
         """Each group's LR as a multiple of the base η; an LR schedule scales every group by the same factor."""
         if kind in ("hidden", "residual_out") and self.name != "sp":
             return 1.0 / self.width_mult  # η/m_N (CompleteP's extra m_L^(α−1) is 1 at α = 1)
         return 1.0
 
-    def weight_decay(self, kind, weight_decay):
-        if kind == "vector":
+    def weight_decay(self, kind, weight_decay, width_scaled=False):
+        """A group's coupled AdamW λ. PyTorch's AdamW shrinks weights by η_g·λ_g a step, so a group's timescale
+        is τ_g = B/(η_g·λ_g·D). Hidden matrices train at η/m_N; giving them λ·m_N keeps η_g·λ_g, hence τ_g, equal
+        to the base group's at every width. CompleteP does so always (Dey et al. 2025, Table 1), and so does
+        microsoft/mup's MuAdam with coupled decay; µP does it when width_scaled (train.py's --tau). BTLM's own
+        µP recipe keeps λ unscaled (Dey et al. 2023, §3.2), so there the hidden matrices' τ is m_N times the base."""
+        if kind in ("vector", "final_norm"):
             return 0.0  # no decay on LayerNorm gains and biases
-        if kind in ("hidden", "residual_out") and self.name == "completep":
-            return weight_decay * self.width_mult  # λ·m_N keeps ηλ, the AdamW timescale, width-invariant
-        return weight_decay  # BTLM: coupled λ, as PyTorch's AdamW applies it
+        if kind in ("hidden", "residual_out") and (self.name == "completep" or width_scaled):
+            return weight_decay / self.lr_mult(kind)  # λ·m_N under µP and CompleteP, λ under SP
+        return weight_decay
 
     def eps(self, kind, eps):
-        if kind in ("hidden", "residual_out") and self.name == "completep":
-            return eps / (self.width_mult * self.depth_mult)  # CompleteP's ε/(m_N·m_L), on hidden matrices
-        return eps
+        """CompleteP's AdamW ε (Dey et al. 2025, Eq. 40, as its reference nanoGPT-mup `completep` branch applies
+        it since January 2025): ε/(m_N·m_L^α) for every parameter inside the blocks, ε/m_N for the embedding and
+        the final LayerNorm. SP and BTLM's µP keep ε."""
+        if self.name != "completep":
+            return eps
+        inside = kind in ("hidden", "residual_out", "vector")
+        return eps / (self.width_mult * (self.depth_mult if inside else 1.0))
 
 
 def weight_kind(name, p):
-    """Which row of SPEC §2's table a named parameter of model.GPT belongs to."""
+    """Which row of the parameterisation table a named parameter of model.GPT belongs to."""
     if p.dim() < 2:
-        return "vector"
+        return "final_norm" if "ln_f" in name else "vector"  # the final LN sits outside the blocks (CompleteP ε)
     if "wte" in name or "lm_head" in name:
         return "embedding"
     if name.endswith("c_proj.weight"):
@@ -116,14 +127,14 @@ def init_weights(model):
     pz = model.pz
     for name, p in model.named_parameters():
         kind = weight_kind(name, p)
-        if kind == "vector":
+        if kind in ("vector", "final_norm"):
             is_gain = "ln_" in name and name.endswith(".weight")  # LayerNorm gains start at 1, biases at 0
             torch.nn.init.ones_(p) if is_gain else torch.nn.init.zeros_(p)
         else:
             torch.nn.init.normal_(p, mean=0.0, std=pz.init_std(kind))
 
 
-def param_groups(model, lr, weight_decay, eps=1e-8):
+def param_groups(model, lr, weight_decay, eps=1e-8, width_scaled_wd=False):
     """AdamW param groups: one per weight kind, each with its own lr, weight_decay, eps and `lr_mult`."""
     pz, groups = model.pz, {}
     for name, p in model.named_parameters():
@@ -132,10 +143,66 @@ def param_groups(model, lr, weight_decay, eps=1e-8):
         kind = weight_kind(name, p)
         if kind not in groups:
             m = pz.lr_mult(kind)
-            groups[kind] = dict(params=[], name=kind, lr=lr * m, lr_mult=m,
-                                weight_decay=pz.weight_decay(kind, weight_decay), eps=pz.eps(kind, eps))
+            groups[kind] = dict(params=[], name=kind, lr=lr * m, lr_mult=m, eps=pz.eps(kind, eps),
+                                weight_decay=pz.weight_decay(kind, weight_decay, width_scaled_wd))
         groups[kind]["params"].append(p)
     return list(groups.values())
+
+
+def group_taus(groups, batch, tokens):
+    """Each group's AdamW timescale τ_g = B/(η_g·λ_g·D) at its peak LR (None where λ_g = 0)."""
+    return {g["name"]: tau(g["lr"], g["weight_decay"], batch, tokens) if g["weight_decay"] > 0 else None
+            for g in groups}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The AdamW timescale and the Power Lines laws (Bergsma et al. 2025, "Power Lines", arXiv 2505.13738; "Scaling with
+# Collapse", arXiv 2509.25087 §2). AdamW's weights are an exponential moving average of updates with rate η·λ, so
+# τ_iter = 1/(η·λ) steps; as a fraction of a run of D/B steps, τ = B/(η·λ·D). η and λ are a group's own: under µP
+# and CompleteP the τ that matters is the hidden matrices' (they hold almost all parameters).
+
+def tau(lr, weight_decay, batch, tokens):
+    """AdamW timescale as a fraction of the run, τ = B/(η·λ·D) = 1/(η·λ·steps); B and D in the same unit."""
+    return batch / (lr * weight_decay * tokens)
+
+
+def weight_decay_for_tau(tau, lr, batch, tokens):
+    """The λ that gives a group of LR η the timescale τ: λ = B/(η·τ·D)."""
+    return batch / (lr * tau * tokens)
+
+
+def tau_opt(tpp):
+    """Power Lines' optimal timescale for pre-training at TPP tokens per parameter: τ_opt = 1.084 · TPP^(−0.527)."""
+    return 1.084 * tpp ** -0.527
+
+
+def batch_opt(tokens, in_tokens=False):
+    """Power Lines: B_opt = 0.0306 · D^0.383 sequences of 2,048 tokens (D in tokens); in_tokens=True: tokens."""
+    b = 0.0306 * tokens ** 0.383
+    return b * 2048 if in_tokens else b
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The LR schedule: one function for training (train.py) and for the curve shapes of collapse.py
+
+SCHEDULES = ("linear", "d2z", "cosine", "constant", "wsd")
+
+
+def lr_factor(step, steps, schedule, warmup=0.0, final_lr_frac=0.0085, wsd_decay=0.2):
+    """The LR at `step` of `steps` as a fraction of the peak (a number, or an array for an array of steps): linear
+    warmup over the first `warmup` fraction of steps, then linear to final_lr_frac (BTLM: 0.85%), d2z (linear to
+    zero, "Straight to Zero", arXiv 2502.15938), cosine to 10%, constant, or wsd (flat, then linear to zero over
+    the last wsd_decay of the run). Every group's LR is its own peak times this factor."""
+    if schedule not in SCHEDULES:
+        raise MupError(f"unknown LR schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    s = np.asarray(step, dtype=float)
+    warm = max(1, round(warmup * steps)) if warmup > 0 else 0
+    p = np.clip((s - warm) / max(1, steps - warm), 0.0, 1.0)  # progress through the decay, 0 → 1
+    decay = {"linear": lambda: 1.0 - (1.0 - final_lr_frac) * p, "d2z": lambda: 1.0 - p,
+             "cosine": lambda: 0.1 + 0.45 * (1 + np.cos(np.pi * p)), "constant": lambda: np.ones_like(p),
+             "wsd": lambda: np.clip((1.0 - s / steps) / wsd_decay, 0.0, 1.0)}[schedule]()
+    f = np.where(s < warm, (s + 1) / max(warm, 1), decay)
+    return float(f) if f.ndim == 0 else f
 
 
 # -----------------------------------------------------------------------------------------------------------------

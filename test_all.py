@@ -85,6 +85,64 @@ def test_sdpa_path_matches_naive_under_bf16_autocast():
     assert (y - y32).abs().max().item() < 2e-2
 
 
+@pytest.mark.parametrize("T", [256, 2048, 8192])
+def test_bf16_alibi_is_exact_to_bf16_rounding_at_long_context(T):
+    # Under bf16 autocast the per-key bias m_h·j must stay fp32: rounded to bf16 it is off by whole units once j is in
+    # the thousands (the old path: max error 0.44 at T = 1,024 and 2.2 at 4,096 against outputs of size ≈1).
+    m = tiny(n_embd=64, n_head=4, block_size=T)  # head_dim 16, slopes 1/4 … 1/256
+    attn, seen = m.transformer.h[0].attn, {}
+    attn.c_proj.register_forward_hook(lambda mod, inp, out: seen.__setitem__("y", inp[0]))
+    x = torch.randn(1, T, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        qkv = attn.c_attn(x)  # the bf16 q, k, v the layer itself computes
+        attn(x)
+    q, k, v = (t.float().view(1, T, 4, 16).transpose(1, 2) for t in qkv.split(64, dim=2))
+    bias = (attn.slopes[:, None, None] * torch.arange(T, dtype=torch.float32)).unsqueeze(0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True, scale=attn.scale)  # fp32 math
+    y = seen["y"].float().view(1, T, 4, 16).transpose(1, 2)
+    # exact up to bf16 arithmetic on the bf16 inputs: within 3× the rounding of the reference's own output to bf16
+    # (measured: 1.1–1.6×; the old path was 100–500× at T ≥ 1,024)
+    rounding = (ref.bfloat16().float() - ref).abs().max().item()
+    assert (y - ref).abs().max().item() <= 3 * rounding
+
+
+def test_bf16_whole_model_error_does_not_grow_with_context():
+    # mean |Δ log p| between bf16 autocast and fp32 over all positions: with the bias kept fp32 the SDPA path is as
+    # accurate at T = 2,048 as the naive (H, T, T) fp32-bias path (both ≈0.042 here); the old path gave 0.231
+    out = {}
+    for impl in ("sdpa", "naive"):
+        m = tiny(vocab_size=257, n_layer=4, n_head=4, n_embd=128, block_size=2048, attn_impl=impl).eval()
+        idx = torch.randint(0, 257, (1, 2048), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            lp = m(idx, idx)[0].log_softmax(-1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lp_bf16 = m(idx, idx)[0].float().log_softmax(-1)
+        out[impl] = (lp - lp_bf16).abs().mean().item()
+    assert out["sdpa"] < 1.2 * out["naive"] and out["sdpa"] < 0.06, out
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "naive"])
+def test_attention_dropout_trains_and_is_off_in_eval(impl):
+    m = tiny(dropout=0.2, attn_impl=impl)
+    ref = tiny(attn_impl=impl)  # the same weights (same seed) without dropout
+    idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    m.train()
+    torch.manual_seed(1)
+    a = m(idx, idx)[1]
+    a.backward()  # the old SDPA path raised here: an explicit mask together with is_causal under dropout
+    torch.manual_seed(2)
+    b = m(idx, idx)[1]
+    assert a.item() != b.item()  # dropout masks differ between the two draws
+    torch.manual_seed(1)
+    assert m(idx, idx)[1].item() == a.item()  # and are a function of the RNG state alone
+    m.eval()
+    assert torch.equal(m(idx, idx)[0], ref.eval()(idx, idx)[0])  # eval mode: no dropout at all
+    with pytest.raises(ModelError, match="flex"):
+        GPTConfig(n_embd=48, n_head=3, dropout=0.1, attn_impl="flex")
+    with pytest.raises(ModelError, match="head_dim ≥ 16"):
+        GPTConfig(n_embd=32, n_head=4, attn_impl="flex")  # flex_attention needs head_dim ≥ 16
+
+
 def test_flex_attention_alibi_score_mod_forward_on_cpu():
     # flex_attention only runs its forward on CPU; this checks the score_mod and block mask, CUDA trains it
     m = tiny()
@@ -212,7 +270,11 @@ def test_sp_and_completep_rows_of_the_table():
     cp = tiny(param="completep", n_embd=512, n_head=4, n_layer=8, d_base=128, L_base=2)  # m_N = 4, m_L = 4
     g = {x["name"]: x for x in mup.param_groups(cp, 1e-2, 0.1, eps=1e-8)}
     assert g["hidden"]["lr"] == pytest.approx(2.5e-3) and g["hidden"]["weight_decay"] == pytest.approx(0.4)
-    assert g["hidden"]["eps"] == pytest.approx(1e-8 / 16) and g["embedding"]["eps"] == 1e-8
+    # CompleteP's ε (Dey et al. 2025, Eq. 40; nanoGPT-mup's completep branch): ε/(m_N·m_L) inside the blocks,
+    # matrices, biases and LayerNorms alike; ε/m_N for the embedding and the final LayerNorm
+    assert g["hidden"]["eps"] == pytest.approx(1e-8 / 16) and g["vector"]["eps"] == pytest.approx(1e-8 / 16)
+    assert g["embedding"]["eps"] == pytest.approx(1e-8 / 4) and g["final_norm"]["eps"] == pytest.approx(1e-8 / 4)
+    assert g["final_norm"]["weight_decay"] == 0.0 and g["final_norm"]["lr"] == 1e-2
     assert cp.transformer.h[0].residual_mult == 0.25
     assert cp.pz.init_std("residual_out") == pytest.approx(cp.config.sigma / 2)  # σ/√m_N, no depth factor
 
@@ -290,13 +352,18 @@ def train(corpora, out, *extra):
 
 
 def test_lr_schedules():
-    c = train_mod.Config(warmup=0.1)
-    f = {s: [train_mod.lr_factor(k, 100, dataclasses_replace(c, schedule=s)) for k in (0, 9, 10, 55, 99)]
+    f = {s: [mup.lr_factor(k, 100, s, warmup=0.1) for k in (0, 9, 10, 55, 99)]
          for s in ("linear", "d2z", "cosine", "constant", "wsd")}
     assert f["d2z"] == pytest.approx([0.1, 1.0, 1.0, 0.5, 1 / 90], abs=1e-12)
     assert f["linear"][-1] == pytest.approx(1 - (1 - 0.0085) * 89 / 90) and f["constant"] == [0.1, 1, 1, 1, 1]
     assert f["cosine"][2] == pytest.approx(1.0) and f["cosine"][3] == pytest.approx(0.55)
     assert f["wsd"][3] == 1.0 and f["wsd"][4] == pytest.approx(0.05)
+    # an array of steps gives the same numbers as one step at a time (collapse.py evaluates whole curves)
+    steps = np.arange(100)
+    assert mup.lr_factor(steps, 100, "linear", 0.1, 0.3) == pytest.approx([mup.lr_factor(k, 100, "linear", 0.1, 0.3)
+                                                                           for k in steps], abs=1e-15)
+    with pytest.raises(mup.MupError, match="unknown LR schedule"):
+        mup.lr_factor(3, 100, "exponential")
 
 
 def dataclasses_replace(c, **kw):
@@ -336,6 +403,61 @@ def test_vsl_switches_sequence_length_at_the_token_fraction(corpora, tmp_path):
     assert [r["seq_len"] for r in log if "loss" in r] == [32] * 4 + [128] * 4
 
 
+@pytest.mark.parametrize("param", ["sp", "mup", "completep"])
+def test_tau_is_each_groups_own_timescale(corpora, tmp_path, param):
+    # τ_g = B/(η_g·λ_g·D) from the optimizer that train.py builds (the checkpoint's groups), at two widths
+    B, D, eta = 512, 2 * 512, 3e-3
+    for width in (32, 128):
+        m_N = width / 32
+        for extra, out in ((["--tau=0.3"], f"t{width}"), (["--weight_decay=0.1"], f"w{width}")):
+            train(corpora, tmp_path / out, "--max_iters=2", f"--param={param}", f"--n_embd={width}", "--d_base=32",
+                  *extra)
+            cfg = json.load(open(tmp_path / out / "config.json"))
+            groups = {g["name"]: g for g in torch.load(train_mod.checkpoints(str(tmp_path / out))[-1],
+                                                       weights_only=False)["optimizer"]["param_groups"]}
+            taus = {k: B / (eta * g["lr_mult"] * g["weight_decay"] * D) for k, g in groups.items() if g["weight_decay"]}
+            assert set(taus) == {"hidden", "residual_out", "embedding"}
+            assert cfg["tau"] == pytest.approx(taus["hidden"], rel=1e-12)  # the run's τ is the hidden matrices'
+            assert cfg["tau_groups"] == pytest.approx({**taus, "vector": None, "final_norm": None}, rel=1e-12)
+            if extra == ["--tau=0.3"]:  # every decayed group at the requested τ, at every width
+                assert taus == pytest.approx({k: 0.3 for k in taus}, rel=1e-12)
+            else:  # a fixed λ: BTLM's µP leaves the hidden λ unscaled, so the hidden τ is m_N times the base τ
+                base = B / (eta * 0.1 * D)
+                hidden = {"sp": base, "mup": m_N * base, "completep": base}[param]
+                assert taus["hidden"] == pytest.approx(hidden) and taus["embedding"] == pytest.approx(base)
+
+
+def test_tau_bad_values_are_one_sentence(corpora, tmp_path):
+    train(corpora, tmp_path / "base", "--max_iters=2")
+    cases = [(["--tau=0"], "--tau=0 must be a positive number"), (["--tau=-1"], "--tau=-1 must be a positive"),
+             (["--tau=nan"], "must be a positive"), (["--tau=soon"], "--tau=soon must be a positive number or 'opt'"),
+             ([f"--init_from={tmp_path / 'base'}", "--tau=opt"], "--tau=opt is Power Lines' law for pre-training")]
+    for extra, msg in cases:
+        rc, out, err = run_cli("train.py", *SMALL, f"--data_dir={corpora}", f"--out_dir={tmp_path / 'x'}",
+                               "--max_iters=2", *extra)
+        assert rc == 2 and msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_dropout_run_resumes_bit_identically(corpora, tmp_path):
+    # dropout draws from the RNG, so an exact resume needs the RNG state the checkpoint saved
+    full = train(corpora, tmp_path / "full", "--max_iters=8", "--dropout=0.1")
+    train(corpora, tmp_path / "part", "--max_iters=8", "--dropout=0.1", "--stop_at=3")
+    resumed = train(corpora, tmp_path / "part", "--init_from=resume")
+    assert [r.get("loss") for r in full] == [r.get("loss") for r in resumed]
+    without = train(corpora, tmp_path / "nodrop", "--max_iters=8")
+    assert [r.get("loss") for r in without] != [r.get("loss") for r in full]  # dropout really was on
+
+
+def test_collapse_reads_the_runs_own_schedule(corpora, tmp_path):
+    # an unfinished run's η(x) comes from mup.lr_factor with the run's own final_lr_frac and warmup
+    from collapse import eta_of, load_run
+    train(corpora, tmp_path / "r", "--max_iters=10", "--stop_at=6", "--final_lr_frac=0.3", "--warmup=0.2")
+    c = load_run(str(tmp_path / "r"))
+    xs = np.array([0.1, 0.5, 0.6, 0.95])
+    assert eta_of(c)(xs) == pytest.approx(mup.lr_factor(xs * 10, 10, "linear", 0.2, 0.3), abs=1e-12)
+    assert eta_of(c)(np.array([1.0]))[0] == pytest.approx(0.3)  # not a fixed 10%
+
+
 def test_cpt_with_replay_records_forgetting_curve(corpora, tmp_path):
     train(corpora, tmp_path / "base", "--max_iters=10")
     log = train(corpora, tmp_path / "cpt", f"--init_from={tmp_path / 'base'}", "--data=code:0.75,prose:0.25",
@@ -360,6 +482,12 @@ def test_ddp_two_processes_match_one(corpora, tmp_path):
     b = [r["loss"] for r in two if "loss" in r]
     # same global batch, gradients averaged over 2 ranks: equal up to fp32 summation order
     assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    # MFU is per device: the global tokens/s over the world size, against one device's peak
+    cfg = json.load(open(tmp_path / "ddp" / "config.json"))
+    m = GPT(GPTConfig(**cfg["model_config"]))
+    for r in (r for r in two if "loss" in r):
+        assert r["mfu"] == pytest.approx(m.flops_per_token(32) * r["tok_per_s"] / 2 / train_mod.peak_flops_for(
+            "cpu", "float32"), rel=1e-9)
 
 
 def test_collapse_monitor_during_training_and_sampling(corpora, tmp_path):

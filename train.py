@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 
 import data as data_mod
+import mup
 from model import GPT, GPTConfig, ModelError, get_preset
 
 
@@ -53,7 +54,8 @@ class Config:
     # optimizer (base values η, λ of the µP proxy; mup.py scales them per parameter group)
     lr: float = 1.2e-2                # BTLM's tuned µP base LR
     weight_decay: float = 0.1
-    tau: str = ""                     # "" keeps weight_decay; a number or "opt" sets λ so that B/(ηλD) = τ (SPEC §3)
+    tau: str = ""                     # "" keeps weight_decay; a number or "opt" (Power Lines' τ_opt(TPP)) sets each
+    #                                   group's λ so that its AdamW timescale B/(η_g·λ_g·D) is τ (mup.py)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -134,31 +136,6 @@ def parse_args(argv, schema=Config):
     for k, v in given.items():
         setattr(cfg, k, v)
     return cfg, given
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# learning-rate schedules: a multiplier of every group's own LR (mup.py's lr_mult keeps the groups' ratios)
-
-SCHEDULES = ("linear", "d2z", "cosine", "constant", "wsd")
-
-
-def lr_factor(step, T, cfg):
-    warm = max(1, round(cfg.warmup * T)) if cfg.warmup > 0 else 0
-    if step < warm:
-        return (step + 1) / warm
-    p = (step - warm) / max(1, T - warm)   # progress through the decay, 0 → 1
-    if cfg.schedule == "constant":
-        return 1.0
-    if cfg.schedule == "d2z":              # linear decay to zero (Straight to Zero, arXiv 2502.15938)
-        return 1.0 - p
-    if cfg.schedule == "linear":           # BTLM: linear to final_lr_frac of the peak
-        return 1.0 - (1.0 - cfg.final_lr_frac) * p
-    if cfg.schedule == "cosine":           # to 10% of the peak
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * p))
-    if cfg.schedule == "wsd":              # warmup, stable, then linear decay to zero over the last wsd_decay
-        start = 1.0 - cfg.wsd_decay
-        return 1.0 if (step / T) < start else max(0.0, (1.0 - step / T) / cfg.wsd_decay)
-    raise TrainError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def peak_flops_for(device, dtype):
@@ -301,17 +278,25 @@ def build(cfg, given, ddp_rank, world):
     T = max(1, math.ceil(D / cfg.batch_tokens))
     D = T * cfg.batch_tokens
     if cfg.tau:
-        from collapse import tau_opt, weight_decay_for_tau
-        tau = tau_opt(D / N) if cfg.tau == "opt" else float(cfg.tau)
-        cfg.weight_decay = weight_decay_for_tau(tau, cfg.lr, cfg.batch_tokens, D)
-    tau = cfg.batch_tokens / (cfg.lr * cfg.weight_decay * D) if cfg.weight_decay > 0 else float("inf")
+        # a requested AdamW timescale τ holds for every decayed group: λ = B/(η·τ·D) at the base LR, and the hidden
+        # matrices, at η/m_N, get λ·m_N (mup.Parameterisation.weight_decay), so one --tau gives one τ at every width
+        if cfg.tau == "opt" and cpt is not None:
+            raise TrainError("--tau=opt is Power Lines' law for pre-training from scratch (τ_opt of the run's TPP); "
+                             "for continual pre-training give --tau a number")
+        try:
+            tau = mup.tau_opt(D / N) if cfg.tau == "opt" else float(cfg.tau)
+        except ValueError:
+            tau = None
+        if tau is None or not math.isfinite(tau) or tau <= 0:
+            raise TrainError(f"--tau={cfg.tau} must be a positive number or 'opt'")
+        cfg.weight_decay = mup.weight_decay_for_tau(tau, cfg.lr, cfg.batch_tokens, D)
     batches = data_mod.Batches({d: domains[d] for d in weights}, weights, cfg.batch_tokens, schedule, D, cfg.seed)
     micro = cfg.micro_batch_tokens or cfg.batch_tokens // world
     for Tseq, _ in schedule:
         if micro % Tseq or (cfg.batch_tokens // Tseq) % world or (cfg.batch_tokens // Tseq // world) % (micro // Tseq):
             raise TrainError(f"batch_tokens={cfg.batch_tokens} does not split into {world} rank(s) × micro-batches "
                              f"of micro_batch_tokens={micro} at sequence length {Tseq}")
-    return dict(model=model, ck=ck, cpt=cpt, domains=domains, batches=batches, N=N, D=D, T=T, tau=tau,
+    return dict(model=model, ck=ck, cpt=cpt, domains=domains, batches=batches, N=N, D=D, T=T,
                 schedule=schedule, micro=micro)
 
 
@@ -329,14 +314,18 @@ def main(argv):
     master = rank == 0
     if cfg.dtype not in ("float32", "bfloat16"):
         raise TrainError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.schedule not in SCHEDULES:
-        raise TrainError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if cfg.schedule not in mup.SCHEDULES:
+        raise TrainError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(mup.SCHEDULES)}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     b = build(cfg, given, rank, world)
     model, batches, N, D, T = b["model"], b["batches"], b["N"], b["D"], b["T"]
     model.to(device)
     torch.manual_seed(cfg.seed + rank)
-    optimizer = model.configure_optimizers(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    optimizer = model.configure_optimizers(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
+                                           width_scaled_wd=bool(cfg.tau))
+    # τ of every group at its peak LR; the run's τ is the hidden matrices' (almost all parameters, the papers' τ)
+    taus = mup.group_taus(optimizer.param_groups, cfg.batch_tokens, D)
+    tau = taus.get("hidden")
     step = 0
     if b["ck"] is not None:
         optimizer.load_state_dict(b["ck"]["optimizer"])
@@ -353,15 +342,20 @@ def main(argv):
     # seed 0 for every run: runs of different seeds are scored on the same validation text
     val = {d: data_mod.val_batches(ds, eval_T, cfg.eval_batches, max(1, b["micro"] // eval_T), seed=0)
            for d, ds in b["domains"].items()}
-    run_info = dict(dataclasses.asdict(cfg), N=N, D=D, TPP=D / N, B=cfg.batch_tokens, T=T, tau=b["tau"],
+    run_info = dict(dataclasses.asdict(cfg), N=N, D=D, TPP=D / N, B=cfg.batch_tokens, T=T, tau=tau, tau_groups=taus,
+                    lr_groups={g["name"]: g["lr"] for g in optimizer.param_groups},
+                    weight_decay_groups={g["name"]: g["weight_decay"] for g in optimizer.param_groups},
                     n_layer=raw.config.n_layer, n_embd=raw.config.n_embd, n_head=raw.config.n_head,
                     param=raw.config.param, model_config=dataclasses.asdict(raw.config), cpt=b["cpt"],
                     tokenizer=next(iter(b["domains"].values())).tokenizer, world_size=world, code=code_version())
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     monitor = None
     if cfg.collapse_ref:
-        from collapse import CollapseMonitor
-        monitor = CollapseMonitor(cfg.collapse_ref)
+        from collapse import CollapseError, CollapseMonitor
+        try:
+            monitor = CollapseMonitor(cfg.collapse_ref)
+        except CollapseError as e:
+            raise TrainError(f"--collapse_ref: {e}") from None
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), run_info)
@@ -377,7 +371,7 @@ def main(argv):
                 if "loss" in r:
                     monitor.update(r["tokens"] / D, r["loss"])
         print(f"{cfg.out_dir}: N={N:,} non-embedding params, D={D:,} tokens ({D / N:.1f} TPP), {T} steps of "
-              f"{cfg.batch_tokens:,} tokens, η={cfg.lr:g}, λ={cfg.weight_decay:.4g}, τ={b['tau']:.4g}, "
+              f"{cfg.batch_tokens:,} tokens, η={cfg.lr:g}, λ={cfg.weight_decay:.4g}, τ(hidden)={tau or math.inf:.4g}, "
               f"{raw.config.param}, {device} {cfg.dtype}" + (f", world {world}" if world > 1 else ""))
 
     def log(rec):
@@ -414,7 +408,7 @@ def main(argv):
     bar = tqdm(total=T, initial=step, disable=not master, dynamic_ncols=True)
     t0, tok_since = time.time(), 0
     while step < T:
-        f = lr_factor(step, T, cfg)
+        f = mup.lr_factor(step, T, cfg.schedule, cfg.warmup, cfg.final_lr_frac, cfg.wsd_decay)
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * g["lr_mult"] * f
         x, y, Tseq = batches.get(step, rank, world)
@@ -444,7 +438,7 @@ def main(argv):
             dt = time.time() - t0
             tps = tok_since / dt
             rec = {"step": step, "tokens": step * cfg.batch_tokens, "lr": cfg.lr * f, "loss": lossf, "seq_len": Tseq,
-                   "grad_norm": gn.item(), "tok_per_s": tps, "mfu": raw.estimate_mfu(tps, Tseq, peak)}
+                   "grad_norm": gn.item(), "tok_per_s": tps, "mfu": raw.estimate_mfu(tps / world, Tseq, peak)}
             if monitor and master:
                 m = monitor.update(rec["tokens"] / D, lossf)
                 rec["collapse_residual"] = m["smoothed"]
