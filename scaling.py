@@ -373,47 +373,57 @@ def load_cpt(spec):
 
 
 # -----------------------------------------------------------------------------
-# the CPT planner (SPEC §4)
+# the CPT planner
 
-def _edge(passes, bad, good, iters=40):
-    """Bisect in log space between a failing and a passing D (arrays); return the passing end."""
-    for _ in range(iters):
-        mid = np.sqrt(bad * good)
-        ok = passes(mid)
-        good, bad = np.where(ok, mid, good), np.where(ok, bad, mid)
-    return good
+def plan_grid(N, max_compute=None, n_r=1000, per_decade=200):
+    """The planner's grid: replay r in [0, 1) in steps of 1/n_r; CPT tokens D log-spaced, per_decade a decade (1.16%
+    apart at 200), from D = max_compute / (6 N), or 10^4 N, down 7 decades, or to 10^-3 N if that is further."""
+    if max_compute is not None and not max_compute > 0:
+        raise ScalingError(f"the compute cap must be positive, not {max_compute:g}")
+    D_hi = max_compute / (6 * N) if max_compute is not None else 1e4 * N
+    n = max(7.0, math.log10(D_hi / (1e-3 * N)))
+    return np.arange(n_r) / n_r, D_hi * np.logspace(-n, 0, round(n * per_decade) + 1)
 
 def plan(target, base, N, ptpp=None, target_loss=None, max_forgetting=math.inf, max_compute=None,
-         base_loss_before=None, n_r=1000):
+         base_loss_before=None, n_r=1000, per_decade=200):
     """Choose the replay ratio r and CPT tokens D: with target_loss, the least compute C = 6 N D that reaches it,
     else the least target loss; always forgetting <= max_forgetting and C <= max_compute. target, base: Fits of the
-    target- and base-domain loss (modelled share 1 - r and r), assumed to fall and to rise with D. Returns the best
-    point and the frontier: for every r in [0, 1) in steps of 1/n_r, the D chosen (bisected to 1e-12 relative)."""
-    r = np.arange(n_r) / n_r
-    T = lambda D, rr=r: target.predict(N=N, D=D, r=1 - rr, ptpp=ptpp)
+    target- and base-domain loss (modelled share 1 - r and r), of any shape: under D-CPT (Que et al. 2024, arXiv
+    2406.01375) forgetting's B r^eta / D^beta FALLS with D at r > 0, so the least D reaching the target may forget
+    too much where a larger D does not. Candidates per r: every D of plan_grid, and each point where a constraint
+    flips between neighbouring D, bisected to float precision: never worse than the grid's best cell, exact at a
+    boundary, an interior minimum of the target loss to the grid's spacing. Returns the best point and the
+    frontier: each r's best D (NaN where no candidate meets every constraint)."""
+    r, Dg = plan_grid(N, max_compute, n_r, per_decade)  # the grid stops at max_compute: no candidate exceeds it
     if base_loss_before is None:  # the base law's own pre-CPT loss, if it has one (D -> 0)
         base_loss_before = float(base.predict(N=N, D=0.0, r=0.0, ptpp=ptpp)[0])
         if not math.isfinite(base_loss_before):
             raise ScalingError(f"law {base.law} has no finite loss before CPT (D = 0); give --base_loss_before")
-    forget = lambda D, rr=r: base.predict(N=N, D=D, r=rr, ptpp=ptpp) - base_loss_before
-    if target_loss is not None:  # least D per r meeting the target, on a log grid then by bisection
-        Dg = N * np.logspace(-3, 4, 71)  # CPT from 0.001 to 10,000 tokens per parameter
-        meets = T(np.tile(Dg, n_r), np.repeat(r, len(Dg))).reshape(n_r, -1) <= target_loss
-        i = meets.argmax(1)  # the first D that meets it; at i = 0 both ends are Dg[0] and so is the result
-        D = np.where(meets.any(1), _edge(lambda d: T(d) <= target_loss, Dg[np.maximum(i - 1, 0)], Dg[i]), np.nan)
-    else:  # largest D per r under the compute cap that keeps forgetting within budget
-        Dg = max_compute / (6 * N) * np.logspace(-7, 0, 71)
-        ok = forget(np.tile(Dg, n_r), np.repeat(r, len(Dg))).reshape(n_r, -1) <= max_forgetting
-        j = len(Dg) - 1 - ok[:, ::-1].argmax(1)  # the last D that passes; at the grid's end both ends are Dg[-1]
-        bad = Dg[np.minimum(j + 1, len(Dg) - 1)]
-        D = np.where(ok.any(1), _edge(lambda d: forget(d) <= max_forgetting, bad, Dg[j]), np.nan)
-    with np.errstate(invalid="ignore"):
-        C, loss, fg = 6 * N * D, T(D), forget(D)  # NaN where no D passes
-        feasible = ~np.isnan(D) & (fg <= max_forgetting) & (C <= (max_compute or math.inf))
+    limits = (math.inf if target_loss is None else target_loss, max_forgetting)
+    laws = lambda i, D: (target.predict(N=N, D=D, r=1 - r[i], ptpp=ptpp),  # rows of r, D -> target loss, forgetting
+                         base.predict(N=N, D=D, r=r[i], ptpp=ptpp) - base_loss_before)
+    i, D = np.repeat(np.arange(n_r), len(Dg)), np.tile(Dg, n_r)
+    T, fg = laws(i, D)
+    for c, v in enumerate((T, fg)):  # where constraint c flips between D_j and D_j+1, bisect to its boundary
+        P = (v <= limits[c]).reshape(n_r, -1)  # NaN meets no limit
+        ci, cj = np.nonzero(P[:, :-1] != P[:, 1:])
+        good, bad = np.where(P[ci, cj], Dg[cj], Dg[cj + 1]), np.where(P[ci, cj], Dg[cj + 1], Dg[cj])
+        for _ in range(40):
+            mid = np.sqrt(good * bad)
+            ok = laws(ci, mid)[c] <= limits[c]
+            good, bad = np.where(ok, mid, good), np.where(ok, bad, mid)
+        Tc, fgc = laws(ci, good)
+        i, D, T, fg = (np.concatenate(pair) for pair in ((i, ci), (D, good), (T, Tc), (fg, fgc)))
+    key = np.where((T <= limits[0]) & (fg <= max_forgetting), 6 * N * D if target_loss is not None else T, np.inf)
+    o = np.lexsort((key, i))
+    o = o[np.unique(i[o], return_index=True)[1]]  # each r's best candidate
+    feasible = np.isfinite(key[o])
     if not feasible.any():
         raise ScalingError("no replay ratio and token budget meet these constraints under this law")
-    b = int(np.argmin(np.where(feasible, C if target_loss is not None else loss, np.inf)))
-    frontier = dict(r=r, D=D, compute=C, target_loss=loss, forgetting=fg, feasible=feasible)
+    D, T, fg = (np.where(feasible, a[o], np.nan) for a in (D, T, fg))
+    C = 6 * N * D
+    b = int(np.lexsort((T, C) if target_loss is not None else (C, T))[0])  # the last key first, NaN last; ties: by T, C
+    frontier = dict(r=r, D=D, compute=C, target_loss=T, forgetting=fg, feasible=feasible)
     best = {k: float(v[b]) for k, v in frontier.items() if k != "feasible"}
     return dict(best=best, base_loss_before=base_loss_before, frontier={k: v.tolist() for k, v in frontier.items()})
 

@@ -1551,8 +1551,121 @@ def test_planner_closed_form():
     assert res["best"]["D"] == pytest.approx((100 / 0.85) ** 2, rel=3e-3)
     assert res["best"]["compute"] == pytest.approx(6 * N * res["best"]["D"], rel=1e-12)
     fr = res["frontier"]
-    assert fr["D"][0] == pytest.approx(1e4, rel=1e-6)  # r = 0: D = 100^2, bisection to 1e-6
-    assert fr["feasible"][0] is False and fr["feasible"][500] is True
+    assert fr["D"][500] == pytest.approx(4e4, rel=1e-9)  # r = 0.5: D = (100 / 0.5)^2, the target's boundary bisected
+    assert fr["feasible"][0] is False and math.isnan(fr["D"][0]) and fr["feasible"][500] is True  # r = 0 forgets 0.4
+
+
+def grid_search(target, base, N, ptpp=None, target_loss=math.inf, max_forgetting=math.inf, max_compute=None,
+                base_loss_before=None):
+    """Exhaustive search of plan()'s (r, D) grid: each r's best cell (least compute with a target, else least
+    target loss) among those meeting every constraint, and that cell's objective (inf where none does)."""
+    r, D = scaling.plan_grid(N, max_compute)
+    R, DD = np.meshgrid(r, D, indexing="ij")
+    T = target.predict(N=N, D=DD.ravel(), r=1 - R.ravel(), ptpp=ptpp).reshape(R.shape)
+    fg = base.predict(N=N, D=DD.ravel(), r=R.ravel(), ptpp=ptpp).reshape(R.shape) - base_loss_before
+    ok = (T <= target_loss) & (fg <= max_forgetting) & (6 * N * DD <= (max_compute or math.inf) * (1 + 1e-12))
+    return np.where(ok, 6 * N * DD if math.isfinite(target_loss) else T, np.inf).min(1)
+
+def check_against_grid(target, base, N, ptpp=None, target_loss=None, max_forgetting=math.inf, max_compute=None,
+                       base_loss_before=None):
+    """plan() meets every constraint and, for every r, is no worse than the grid's best cell; with a target, no
+    better than one D step (10^(1/200), 1.16%) below it, the most that bisecting a constraint's boundary gains."""
+    res = plan(target, base, N, ptpp, target_loss, max_forgetting, max_compute, base_loss_before)
+    before = res["base_loss_before"]
+    fr = {k: np.array(v, dtype=float) for k, v in res["frontier"].items()}
+    cells = grid_search(target, base, N, ptpp, math.inf if target_loss is None else target_loss, max_forgetting,
+                        max_compute, before)
+    ok = fr["feasible"] == 1
+    assert ok[np.isfinite(cells)].all()  # every r with a feasible cell has a plan
+    T = target.predict(N=N, D=fr["D"][ok], r=1 - fr["r"][ok], ptpp=ptpp)  # recomputed, not plan()'s own numbers
+    fg = base.predict(N=N, D=fr["D"][ok], r=fr["r"][ok], ptpp=ptpp) - before
+    assert (T <= (target_loss or math.inf) + 1e-12).all() and (fg <= max_forgetting + 1e-12).all()
+    assert (fr["compute"][ok] <= (max_compute or math.inf) * (1 + 1e-12)).all()
+    ours = fr["compute"] if target_loss is not None else fr["target_loss"]
+    assert (ours[ok] <= cells[ok] * (1 + 1e-12)).all()
+    both = ok & np.isfinite(cells)  # an r whose feasible D all lie between two cells has a plan but no cell
+    D = scaling.plan_grid(N, max_compute)[1]
+    if target_loss is not None:
+        assert (ours[both] >= cells[both] / (D[1] / D[0]) * (1 - 1e-12)).all()
+    key = "compute" if target_loss is not None else "target_loss"
+    assert res["best"][key] == pytest.approx(ours[ok].min(), rel=1e-15)
+    return res, cells
+
+def audit_laws():
+    """D-CPT laws (Que et al. 2024), N = 1e6: target loss 2 + 20/D^0.3 + 0.05/(1 - r + 0.05)^0.5 (share 1 - r),
+    base loss 2 + 20 r^0.5/D^0.3 + 0.02/(r + 0.05)^0.5 (share r = replay), so at r > 0 forgetting FALLS with D."""
+    tiny = 1e-30
+    target = Fit("dcpt", dict(E=2.0, A=tiny, alpha=0.3, B=20.0, eta=0.0, beta=0.3, C=0.05, gamma=0.5, eps=0.05), 0, 0)
+    base = Fit("dcpt", dict(E=2.0, A=tiny, alpha=0.3, B=20.0, eta=0.5, beta=0.3, C=0.02, gamma=0.5, eps=0.05), 0, 0)
+    return target, base
+
+
+def test_planner_dcpt_forgetting_falling_with_D_closed_form_and_grid():
+    target, base = audit_laws()
+    N, goal = 1e6, 2.25
+    res, cells = check_against_grid(target, base, N, target_loss=goal, max_forgetting=0.05, base_loss_before=2.02)
+    # closed form per r: the target needs D >= D_t = (20 / (0.25 - 0.05/(1.05 - r)^0.5))^(1/0.3); forgetting
+    # 20 r^0.5/D^0.3 + 0.02/(r + 0.05)^0.5 - 0.02 <= 0.05 needs D >= D_f = (20 r^0.5 / m)^(1/0.3),
+    # m = 0.07 - 0.02/(r + 0.05)^0.5 > 0
+    r = np.arange(1000) / 1000
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, m = 0.25 - 0.05 / np.sqrt(1.05 - r), 0.07 - 0.02 / np.sqrt(r + 0.05)
+        Dt = np.where(a > 0, (20 / a) ** (1 / 0.3), np.inf)
+        Df = np.where(m > 0, (20 * np.sqrt(r) / m) ** (1 / 0.3), np.inf)
+    D = np.maximum(Dt, Df)
+    i = np.argmin(D)  # r = 0.219, D = 1.762e8, 1.057e15 FLOPs: forgetting binds, the target is beaten (2.122)
+    assert res["best"]["r"] == pytest.approx(r[i], abs=1e-12) and res["best"]["D"] == pytest.approx(D[i], rel=1e-9)
+    assert res["best"]["target_loss"] < goal - 0.1 and res["best"]["forgetting"] == pytest.approx(0.05, rel=1e-9)
+    # the old rule (each r's least D meeting the target, forgetting checked only there) is feasible only where
+    # D_t >= D_f: it picks r = 0.988 at 2.987e15 FLOPs, 2.83x the cost
+    old = np.where(Dt >= Df, Dt, np.inf)
+    assert r[np.argmin(old)] == pytest.approx(0.988, abs=1e-12)
+    assert old.min() / D[i] == pytest.approx(2.825, rel=1e-3) and old.min() / D[i] >= 1.3
+    inside = D <= 1e10  # the grid's top, 10^4 N; every r's plan is its closed form
+    fr = res["frontier"]
+    assert np.array(fr["feasible"]).tolist() == inside.tolist() and np.isfinite(cells).sum() <= inside.sum()
+    assert np.array(fr["D"])[inside] == pytest.approx(D[inside], rel=1e-9)
+    # a loose cap: the grid still reaches down to 10^-3 N (15 decades here; 7 below the cap would start at 1.7e11)
+    capped = plan(target, base, N, target_loss=goal, max_forgetting=0.05, max_compute=1e25, base_loss_before=2.02)
+    assert capped["best"] == pytest.approx(res["best"], rel=1e-9)
+
+
+def test_planner_matches_exhaustive_grid_on_non_monotone_laws():
+    # ptpp_transfer: at replay r > 0 the target loss is U-shaped in D (its forgetting term F (r D / P N)^phi
+    # rises) and forgetting rises with D (F ((1 - r) D / P N)^phi), unlike D-CPT's; plan() must match the grid
+    N, P = 1e6, 279.0
+    target = Fit("ptpp_transfer", TRUTH["ptpp_transfer"], 0, 0)
+    base = Fit("ptpp_transfer", dict(E=1.0, A=20.0, alpha=0.3, B=100.0, beta=0.3, k=1.0, kappa=1.0, F=0.3, phi=0.5),
+               0, 0)  # the end-to-end test's base law
+    T = target.predict(N=N, D=N * np.logspace(-2, 4, 61), r=0.5, ptpp=P)
+    assert 0 < np.argmin(T) < 60  # an interior minimum at replay 0.5
+    res, cells = check_against_grid(target, base, N, P, target_loss=3.2, max_forgetting=0.05)
+    # measured: r = 0.768, 2.986e14 FLOPs, at the target's boundary, with forgetting within budget for only
+    # 0.13% more D there, a sliver between two cells; the grid's best cell costs 3.007e14 (0.7% more)
+    assert res["best"]["r"] == pytest.approx(0.768, abs=1e-12)
+    assert res["best"]["compute"] == pytest.approx(2.98639e14, rel=1e-5) and cells.min() / 2.98639e14 > 1.006
+    check_against_grid(target, base, N, P, target_loss=3.2, max_forgetting=0.05, max_compute=3.1e14)
+    with pytest.raises(scaling.ScalingError, match="no replay ratio and token budget meet these constraints"):
+        plan(target, base, N, P, target_loss=3.2, max_forgetting=0.05, max_compute=2.9e14)  # 3% under the least
+    with pytest.raises(scaling.ScalingError, match="the compute cap must be positive, not 0"):
+        plan(target, base, N, P, target_loss=3.2, max_compute=0.0)
+
+
+def test_planner_compute_cap_least_target_loss_matches_grid():
+    # U-shaped target loss (ptpp_transfer) and a D-CPT base law whose forgetting falls with D, under a compute cap
+    # and no target: the best r's forgetting bound D >= 4.50e9 sits past the target loss's minimum in D, so the
+    # least target loss is at that bound, 2.1055; the largest D the budget allows (the cap) gives 2.1264
+    N, P = 1e6, 279.0
+    target = Fit("ptpp_transfer", TRUTH["ptpp_transfer"], 0, 0)
+    base = audit_laws()[1]
+    res, cells = check_against_grid(target, base, N, P, max_forgetting=0.05, max_compute=6e16, base_loss_before=2.02)
+    b = res["best"]
+    assert b["r"] == pytest.approx(0.046, abs=1e-12) and b["D"] == pytest.approx(4.5009e9, rel=1e-4)
+    assert b["target_loss"] == pytest.approx(2.10546, abs=1e-5) and b["forgetting"] == pytest.approx(0.05, rel=1e-9)
+    assert b["target_loss"] <= cells.min() + 1e-12 and b["compute"] < 6e16 / 2
+    at_cap = target.predict(N=N, D=1e10, r=1 - np.arange(1000) / 1000, ptpp=P)
+    fg_cap = base.predict(N=N, D=1e10, r=np.arange(1000) / 1000) - 2.02
+    assert at_cap[fg_cap <= 0.05].min() == pytest.approx(2.1264, abs=1e-4)  # the cap's best: 0.021 worse
 
 def test_plan_command_compute_cap_closed_form(tmp_path, capsys):
     for name, fit in zip(("t.json", "b.json"), closed_form_laws()):
