@@ -176,11 +176,34 @@ def test_btlm_preset_parameter_count_on_meta_device():
     assert m.num_params() == 2_646_255_744 - 50257 * 2560
 
 
-def test_flops_per_token_formula():
-    m = tiny()
-    N, V, d, L, T = m.num_params(), 97, 48, 2, 32
-    assert m.flops_per_token(T) == 6 * (N + V * d) + 6 * L * T * d
-    assert m.estimate_mfu(1000.0, T, 1e12) == pytest.approx(m.flops_per_token(T) * 1000.0 / 1e12)
+@pytest.mark.parametrize("T", [16, 32])  # two contexts pin the per-token constant and the attention's T term
+def test_flops_per_token_against_torch_flop_counter(T):
+    """flops_per_token(T) against torch's FlopCounterMode over one forward + backward, which counts 2·m·n·k per
+    matmul. Exactly what each counts, per token:
+      - every weight matrix, the tied readout V·d included: 2 forward + 4 backward (grads of input and weight) per
+        weight in both; the embedding lookup and its backward are no matmuls and count in neither;
+      - biases and LayerNorm gains/shifts (the 1-D parameters): in N, hence 6 each in the formula; no matmul, so
+        the counter skips them;
+      - attention: the counter sees q·kᵀ and a·v over the full T×T, 2·2·T·d forward + 4·2·T·d backward = 12·T·d
+        per layer; the formula counts the causal half, 6·T·d.
+    So counted / tokens = flops_per_token(T) − 6·(1-D parameters) + 6·L·T·d, exactly (both are integer counts).
+    The count runs attn_impl="naive", the same attention as SDPA with explicit matmuls: torch 2.13's FlopCounterMode
+    has no formula for CPU's SDPA kernel (_scaled_dot_product_flash_attention_for_cpu) and counts it as 0, and its
+    CUDA SDPA formulas add the backward's recomputation of q·kᵀ (14·T·d per layer)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    m = tiny(attn_impl="naive", param="mup", d_base=16)
+    B, V, d, L = 2, m.config.vocab_size, m.config.n_embd, m.config.n_layer
+    x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as fc:
+        m(x, x)[1].backward()
+    ops = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    assert set(ops) == {"aten.mm", "aten.addmm", "aten.bmm"}  # nothing else counted that the split below misses
+    one_d = sum(p.numel() for p in m.parameters() if p.dim() == 1)
+    matrices = m.num_params() - one_d
+    assert ops["aten.mm"] + ops["aten.addmm"] == B * T * 6 * (matrices + V * d)   # weights and readout
+    assert ops["aten.bmm"] == B * T * 2 * (6 * L * T * d)                          # full T×T = 2 × causal half
+    assert fc.get_total_flops() == B * T * (m.flops_per_token(T) - 6 * one_d + 6 * L * T * d)
+    assert m.estimate_mfu(1000.0, T, 1e12) == pytest.approx(m.flops_per_token(T) * 1000.0 / 1e12, rel=1e-15)
 
 
 def test_bad_model_configs_are_one_sentence_errors():
