@@ -179,11 +179,13 @@ def load_csv(path, x=None, size_col=None, seed_col=None):
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CollapseError(f"{path} cannot be read as CSV ({e})")
-    cols = list(rows[0]) if rows else []
+    if not rows:
+        raise CollapseError(f"{path} has no data rows (it is empty or holds only a header)")
+    cols = list(rows[0])
     x = x or next((k for k in ("tokens", "compute", "step") if k in cols), "step")  # --x= overrides
     for col in ("run", x, "loss", size_col, seed_col):
         if col and col not in cols:
-            raise CollapseError(f"{path} has no column {col!r} (columns: {', '.join(cols) or 'none'})")
+            raise CollapseError(f"{path} has no column {col!r} (columns: {', '.join(cols)})")
     size_col = size_col or ("size" if "size" in cols else None)
     seed_col = seed_col or ("seed" if "seed" in cols else None)
     def num(i, r, k):  # a number; None where an optional column is absent or empty

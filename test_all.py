@@ -1017,10 +1017,13 @@ def test_bad_input_is_one_sentence(tmp_path):
     with pytest.raises(CollapseError, match="mix tokens per parameter"):
         analyze(good + other)
     # the CLI: exit 2, one line on stderr, no traceback
+    (tmp_path / "empty.csv").write_text("")
     for args, words in ((["analyze", "--runs=/nonexistent"], "neither a run directory"),
                         (["analyze", "--runz=x"], "unknown argument"),
                         (["recipe", "--params=abc"], "not a valid float"),
-                        (["analyze", f"--runs={csv_with(['a,1,3', 'a,2,2'])}"], "needs at least 3")):
+                        (["analyze", f"--runs={csv_with(['a,1,3', 'a,2,2'])}"], "needs at least 3"),
+                        (["analyze", f"--runs={csv_with([])}"], "has no data rows"),   # a header only
+                        (["analyze", f"--runs={tmp_path / 'empty.csv'}"], "has no data rows")):
         out = _cli(*args)
         assert out.returncode == 2 and words in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
