@@ -484,6 +484,13 @@ def test_train_bad_input_is_one_sentence(corpora, tmp_path):
         assert rc == 2 and msg in err and "Traceback" not in err, (extra, err[-500:])
 
 
+def test_train_missing_collapse_ref_is_one_line(corpora, tmp_path):
+    # collapse.py raises its CollapseError for a reference it cannot read; train.py must report it like its own errors
+    rc, out, err = run_cli("train.py", *SMALL, f"--data_dir={corpora}", f"--out_dir={tmp_path / 'x'}", "--max_iters=2",
+                           f"--collapse_ref={tmp_path / 'no_ref'}")
+    assert (rc, err) == (2, f"error: collapse monitor reference: {tmp_path / 'no_ref'} does not exist\n"), err[-500:]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # data.py: tokenisation, shards, mixtures, VSL batches, bad input
 
@@ -978,6 +985,25 @@ def test_monitor_flags_a_bump_early_and_never_a_healthy_run(tmp_path):
     assert r["alert"] and "nan" in r["warning"]
 
 
+def test_monitor_reference_that_cannot_be_read_is_one_sentence(tmp_path):
+    # what train.py --collapse_ref passes: a missing path, or run directories whose files are not what train.py
+    # writes (config.json not an object, a log line not an object); each a CollapseError, never another exception
+    import re
+    missing = re.escape(str(tmp_path / "nothing"))
+    with pytest.raises(CollapseError, match=f"^collapse monitor reference: {missing} does not exist$"):
+        CollapseMonitor(str(tmp_path / "nothing"))
+    good = synthetic([1e6], 0.2, points=50)[0]
+    _write_run(str(tmp_path / "list_cfg"), good)
+    (tmp_path / "list_cfg" / "config.json").write_text("[1, 2]")
+    _write_run(str(tmp_path / "bad_line"), good)
+    with open(tmp_path / "bad_line" / "log.jsonl", "a") as f:
+        f.write("3.0\n")  # valid JSON but not an object: a TypeError before
+    for name, words in (("list_cfg", "has no positive total token count 'D'"),
+                        ("bad_line", "log.jsonl line 52 is not a JSON object")):
+        with pytest.raises(CollapseError, match="^collapse monitor reference: .*" + words):
+            CollapseMonitor(str(tmp_path / name))
+
+
 def test_analyze_cli_json_and_plot_from_run_dirs(tmp_path):
     fam = synthetic([1e6, 4e6], 0.2, seeds=2, noise=0.002, seed_sd=0.005, points=200)
     for c in fam:
@@ -1018,7 +1044,8 @@ def test_bad_input_is_one_sentence(tmp_path):
         analyze(good + other)
     # the CLI: exit 2, one line on stderr, no traceback
     (tmp_path / "empty.csv").write_text("")
-    for args, words in ((["analyze", "--runs=/nonexistent"], "neither a run directory"),
+    for args, words in ((["analyze", "--runs=/nonexistent"], "/nonexistent does not exist"),
+                        (["analyze", f"--runs={tmp_path}"], "neither a run directory"),  # a folder of CSVs
                         (["analyze", "--runz=x"], "unknown argument"),
                         (["recipe", "--params=abc"], "not a valid float"),
                         (["analyze", f"--runs={csv_with(['a,1,3', 'a,2,2'])}"], "needs at least 3"),
