@@ -132,14 +132,16 @@ def load_run(path):
             lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
     except (OSError, ValueError) as e:
         raise CollapseError(f"{path}: config.json or log.jsonl cannot be read ({e})")
-    if not isinstance(cfg.get("D"), (int, float)) or cfg["D"] <= 0:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("D"), (int, float)) or cfg["D"] <= 0:
         raise CollapseError(f"{path}/config.json has no positive total token count 'D'")
     rows = []
     for i, line in lines:
         try:
             r = json.loads(line)
         except ValueError:
-            raise CollapseError(f"{path}/log.jsonl line {i} is not valid JSON")
+            r = None
+        if not isinstance(r, dict):
+            raise CollapseError(f"{path}/log.jsonl line {i} is not a JSON object")
         if "loss" in r:  # training lines; eval lines carry "val" instead
             rows.append(r)
     num = lambda k: np.array([r[k] if isinstance(r.get(k), (int, float)) else np.nan for r in rows], float)
@@ -158,11 +160,13 @@ def load_csv(path, x=None, size_col=None, seed_col=None):
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CollapseError(f"{path} cannot be read as CSV ({e})")
-    cols = list(rows[0]) if rows else []
+    if not rows:
+        raise CollapseError(f"{path} has no data rows (it is empty or holds only a header)")
+    cols = list(rows[0])
     x = x or next((k for k in ("tokens", "compute", "step") if k in cols), "step")  # --x= overrides
     for col in ("run", x, "loss", size_col, seed_col):
         if col and col not in cols:
-            raise CollapseError(f"{path} has no column {col!r} (columns: {', '.join(cols) or 'none'})")
+            raise CollapseError(f"{path} has no column {col!r} (columns: {', '.join(cols)})")
     size_col = size_col or ("size" if "size" in cols else None)
     seed_col = seed_col or ("seed" if "seed" in cols else None)
     def num(i, r, k):  # a number; None where an optional column is absent or empty
@@ -200,6 +204,8 @@ def load_curves(spec, x=None, size_col=None, seed_col=None):
                 curves += [load_run(os.path.dirname(q)) for q in inside]
             elif os.path.isfile(p):
                 curves += load_csv(p, x, size_col, seed_col)
+            elif not os.path.exists(p):
+                raise CollapseError(f"{p} does not exist")
             else:
                 raise CollapseError(f"{p} is neither a run directory (with config.json) nor a CSV file")
     if not curves:
@@ -396,7 +402,13 @@ class CollapseMonitor:
     that the reference runs themselves show within ±0.1 in x, each replayed against the others (leave one out)."""
 
     def __init__(self, reference, fit_until=0.5, x_min=0.05, window=5, margin=5.0, floor=1e-4):
-        refs = reference if reference and isinstance(reference[0], Curve) else load_curves(reference)
+        """reference: Curves, or what load_curves reads; one that cannot be read raises CollapseError."""
+        refs = reference
+        if not (reference and isinstance(reference[0], Curve)):
+            try:
+                refs = load_curves(reference)
+            except CollapseError as e:  # train.py --collapse_ref: say which input it was
+                raise CollapseError(f"collapse monitor reference: {e}") from None
         self.fit_until, self.x_min, self.window = fit_until, x_min, window
         self.grid = np.linspace(max(c.x[0] for c in refs), 1.0, 400)
         ells = np.stack([normalise([c], "none", max(1, len(c.x) // 50), self.grid)[2][0] for c in refs])

@@ -25,6 +25,7 @@ import torch
 
 import data as data_mod
 import mup
+from collapse import CollapseError
 from model import GPT, GPTConfig, ModelError, get_preset
 
 
@@ -351,11 +352,8 @@ def main(argv):
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     monitor = None
     if cfg.collapse_ref:
-        from collapse import CollapseError, CollapseMonitor
-        try:
-            monitor = CollapseMonitor(cfg.collapse_ref)
-        except CollapseError as e:
-            raise TrainError(f"--collapse_ref: {e}") from None
+        from collapse import CollapseMonitor
+        monitor = CollapseMonitor(cfg.collapse_ref)
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), run_info)
@@ -474,6 +472,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (TrainError, ModelError, data_mod.DataError) as e:
+    except (TrainError, ModelError, data_mod.DataError, CollapseError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
