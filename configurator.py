@@ -103,12 +103,16 @@ def configure(schema, argv):
     return cfg, given
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help as the tools show it: the description (a module docstring) as written, each flag with its default."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the tools, with a bad flag reported as one line (`error: …`, exit 2) instead of usage + error.
     Flags are spelled out in full: no prefix matching (argparse's default would take --width=64 as --widths)."""
 
-    def __init__(self, *args, allow_abbrev=False, **kwargs):  # subcommand parsers are of this class too
-        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+    def __init__(self, *args, allow_abbrev=False, formatter_class=None, **kwargs):  # subcommand parsers too
+        super().__init__(*args, allow_abbrev=allow_abbrev, formatter_class=formatter_class or HelpFormatter, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
