@@ -119,4 +119,4 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def add_bool(self, name, help=""):
         """A boolean flag: `--name` alone is true; `--name=true` / `--name=false` spell it out."""
-        self.add_argument(name, nargs="?", const=True, default=False, type=boolean, help=help)
+        self.add_argument(name, nargs="?", const=True, default=False, type=boolean, metavar="true|false", help=help)

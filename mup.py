@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from configurator import ArgumentParser
+
 PARAMS = ("sp", "mup", "completep")
 
 # BTLM-3B-8K's tuned µP base values (Dey et al. 2023, Table 2 / SPEC §2): the defaults of every model here
@@ -313,49 +315,36 @@ def plot_coord(result, path):
     os.replace(tmp, path)
 
 
-def parse_flags(argv, defaults):
-    """nanoGPT-style --key=value flags, typed by the defaults; an unknown key or a bad value is one sentence."""
-    out = dict(defaults)
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise MupError(f"expected --key=value, got {arg!r}")
-        key, _, val = arg[2:].partition("=")
-        if key not in defaults:
-            raise MupError(f"unknown flag --{key}; valid flags: {', '.join('--' + k for k in defaults)}")
-        d = defaults[key]
-        try:
-            if isinstance(d, bool):
-                out[key] = val.lower() in ("", "1", "true", "yes")
-                if val.lower() not in ("", "1", "true", "yes", "0", "false", "no"):
-                    raise ValueError
-            elif isinstance(d, tuple) or (d is None and key in ("depths", "widths")):
-                out[key] = tuple(int(v) for v in val.split(",")) if val else None
-            elif d is None or isinstance(d, str):
-                out[key] = val
-            else:
-                out[key] = type(d)(val)
-        except ValueError:
-            raise MupError(f"--{key}={val!r} is not a valid {type(d).__name__ if d is not None else 'value'}")
-    return out
+def ints(text):
+    return tuple(int(v) for v in text.split(","))
 
 
 def main(argv):
-    if not argv or argv[0] != "coord":
-        raise MupError("usage: python mup.py coord --param=mup|sp|completep --widths=64,128,256,512 --steps=10 "
-                       "[--depths=2,4,8,16] [--plot=coord.png] [--json]")
-    f = parse_flags(argv[1:], dict(param="mup", widths=(64, 128, 256, 512), depths=None, steps=10, lr=1e-3,
-                                   n_layer=2, n_embd=128, plot="", json=False, seed=0))
-    if f["steps"] < 1:
-        raise MupError(f"--steps must be at least 1, got {f['steps']}")
-    r = coord_check(f["param"], widths=f["widths"], depths=f["depths"], steps=f["steps"], lr=f["lr"],
-                    n_layer=f["n_layer"], n_embd=f["n_embd"], seed=f["seed"])
-    if f["plot"]:
-        plot_coord(r, f["plot"])
-    if f["json"]:
+    p = ArgumentParser(description=__doc__)
+    what = "the coordinate check: mean |activation| against width (or depth) over a few training steps"
+    c = p.add_subparsers(dest="command", required=True).add_parser("coord", help=what, description=what)
+    c.add_argument("--param", default="mup", help="|".join(PARAMS))
+    c.add_argument("--widths", type=ints, default=(64, 128, 256, 512), help="widths d, comma-separated")
+    c.add_argument("--depths", type=ints, help="depths L instead of widths, comma-separated")
+    c.add_argument("--steps", type=int, default=10, help="training steps on one fixed batch")
+    c.add_argument("--lr", type=float, default=1e-3, help="base learning rate")
+    c.add_argument("--n_layer", type=int, default=2, help="depth of the width sweep")
+    c.add_argument("--n_embd", type=int, default=128, help="width of the depth sweep")
+    c.add_argument("--plot", default="", help="write the curves to this PNG")
+    c.add_bool("--json", help="print the result as one JSON object")
+    c.add_argument("--seed", type=int, default=0, help="initialisation and batch seed")
+    f = p.parse_args(argv)
+    if f.steps < 1:
+        raise MupError(f"--steps must be at least 1, got {f.steps}")
+    r = coord_check(f.param, widths=f.widths, depths=f.depths, steps=f.steps, lr=f.lr,
+                    n_layer=f.n_layer, n_embd=f.n_embd, seed=f.seed)
+    if f.plot:
+        plot_coord(r, f.plot)
+    if f.json:
         import json
         print(json.dumps({k: v for k, v in r.items() if k != "records"}))
     else:
-        axis = "depths" if f["depths"] else "widths"
+        axis = "depths" if f.depths else "widths"
         print(f"coordinate check: {r['param']}, {axis} {r[axis]}, {r['steps']} steps at lr {r['lr']}")
         for k, s in r["slopes"].items():
             print(f"  {k:10s} max |log-log slope| over steps: {s:.3f}   (slope at last step {r['final_slopes'][k]:+.3f})")

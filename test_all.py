@@ -348,7 +348,9 @@ def test_mup_cli_json_and_bad_flags(tmp_path):
     assert r["param"] == "mup" and r["widths"] == [64, 128] and set(r["slopes"]) >= {"embedding", "attn", "mlp", "logits"}
     assert (tmp_path / "c.png").stat().st_size > 1000
     rc, out, err = run_cli("mup.py", "coord", "--width=64")
-    assert rc == 2 and "unknown flag --width" in err and "--widths" in err and "Traceback" not in err
+    assert rc == 2 and err == "error: unrecognized arguments: --width=64 (see --help)\n"  # no prefix matching
+    rc, out, err = run_cli("mup.py", "coord", "--json=yes")  # booleans: --json, --json=true, --json=false
+    assert rc == 2 and err == "error: argument --json: invalid boolean value: 'yes' (see --help)\n"
     rc, out, err = run_cli("mup.py", "coord", "--param=ntk")
     assert rc == 2 and "unknown parameterisation 'ntk'" in err
     rc, out, err = run_cli("mup.py", "coord", "--widths=0,64")
