@@ -106,6 +106,9 @@ def configure(schema, argv):
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help as the tools show it: the description (a module docstring) as written, each flag with its default."""
 
+    def _get_help_string(self, action):  # no "(default: None)" after a flag that has no default
+        return action.help if action.default is None else super()._get_help_string(action)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the tools, with a bad flag reported as one line (`error: …`, exit 2) instead of usage + error.

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from configurator import ArgumentParser
+
 DELTA = 1e-3  # Huber delta on log residuals (Hoffmann et al. 2022; Besiroglu et al. 2024)
 
 
@@ -561,42 +563,50 @@ def cmd_plan(fit, law, N, ptpp, target_loss, max_forgetting, max_compute, base_l
             if math.isfinite(max_forgetting):
                 axes[1].axhline(max_forgetting, color="k", ls="--", lw=0.8)
 
-def _floats(s):
-    return [float(v) for v in s.split(",")]
-
-REQUIRED = object()
-COMMANDS = {  # command -> (function, {option: (type, default)})
-    "fit": (cmd_fit, dict(law=(str, REQUIRED), data=(str, REQUIRED), bootstrap=(int, 0), json=(bool, False),
-                          plot=(str, None))),
-    "optimal": (cmd_optimal, dict(fit=(str, REQUIRED), compute=(float, REQUIRED), json=(bool, False))),
-    "cpt": (cmd_cpt, dict(data=(str, REQUIRED), train_ptpp=(_floats, REQUIRED), test_ptpp=(_floats, REQUIRED),
-                          save=(str, None), json=(bool, False), plot=(str, None))),
-    "plan": (cmd_plan, dict(fit=(str, REQUIRED), law=(str, "ptpp_transfer"), N=(float, REQUIRED), ptpp=(float, None),
-                            target_loss=(float, None), max_forgetting=(float, math.inf), max_compute=(float, None),
-                            base_loss_before=(float, None), json=(bool, False), plot=(str, None))),
-}
-_TYPE_NAMES = {str: "text", int: "an integer", float: "a number", _floats: "a comma-separated list of numbers"}
+def floats(text):
+    return [float(v) for v in text.split(",")]
 
 def main(argv):
     """Run one command; a user error prints one sentence and returns 2."""
+    p = ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(fn, what):
+        c = sub.add_parser(fn.__name__[4:], help=what, description=what)
+        c.set_defaults(fn=fn)
+        return c
+    c = command(cmd_fit, "fit a law to a CSV of points")
+    c.add_argument("--law", required=True, help=", ".join(LAWS))
+    c.add_argument("--data", required=True, help="CSV of the law's inputs and loss")
+    c.add_argument("--bootstrap", type=int, default=0, help="resamples for 95%% confidence intervals")
+    c = command(cmd_optimal, "compute-optimal N and D of a chinchilla fit")
+    c.add_argument("--fit", required=True, help="a `fit --json` file")
+    c.add_argument("--compute", type=float, required=True, help="training FLOPs")
+    c = command(cmd_cpt, "fit the CPT laws on some PTPPs and score their forecasts at others")
+    c.add_argument("--data", required=True, help="CSVs or run directories, comma-separated")
+    c.add_argument("--train_ptpp", type=floats, required=True, help="PTPPs to fit on, comma-separated")
+    c.add_argument("--test_ptpp", type=floats, required=True, help="PTPPs to forecast, comma-separated")
+    c.add_argument("--save", help="write the fits to this JSON file (what `plan --fit` reads)")
+    c = command(cmd_plan, "replay ratio and CPT tokens: least compute for a target loss, or least loss under a cap")
+    c.add_argument("--fit", required=True, help="a `cpt --save` file, or target.json,base.json from `fit --json`")
+    c.add_argument("--law", default="ptpp_transfer", help="the law to take from a `cpt --save` file")
+    c.add_argument("--N", type=float, required=True, help="base model parameters")
+    c.add_argument("--ptpp", type=float, help="the base model's pre-training tokens per parameter")
+    c.add_argument("--target_loss", type=float, help="least compute reaching this target-domain loss")
+    c.add_argument("--max_forgetting", type=float, default=math.inf, help="base-domain loss rise allowed")
+    c.add_argument("--max_compute", type=float, help="least target loss within these FLOPs")
+    c.add_argument("--base_loss_before", type=float, help="the base model's base-domain loss")
+    for name, c in sub.choices.items():
+        c.add_bool("--json", help="print the result as JSON")
+        if name != "optimal":
+            c.add_argument("--plot", help="write a figure to this PNG")
     try:
-        if not argv or argv[0] not in COMMANDS:
-            raise ScalingError(f"the first argument must be one of the commands {', '.join(COMMANDS)}")
-        fn, spec = COMMANDS[argv[0]]
-        opts = {k: d for k, (t, d) in spec.items()}
-        for arg in argv[1:]:
-            key, _, val = arg[2:].partition("=")
-            if not arg.startswith("--") or key not in spec:
-                raise ScalingError(f"unknown option {arg!r} for {argv[0]}; valid keys: {', '.join(spec)}")
-            t = spec[key][0]
-            try:
-                opts[key] = {"": True, "true": True, "false": False}[val.lower()] if t is bool else t(val)
-            except (KeyError, ValueError):
-                raise ScalingError(f"--{key}={val} is not {'true or false' if t is bool else _TYPE_NAMES[t]}")
-        missing = [k for k, v in opts.items() if v is REQUIRED]
-        if missing:
-            raise ScalingError(f"{argv[0]} needs --{missing[0]}=...")
-        fn(**opts)
+        args = vars(p.parse_args(argv))
+    except SystemExit as e:  # argparse has printed --help (0) or a one-line error (2)
+        return e.code
+    try:
+        del args["command"]
+        args.pop("fn")(**args)
     except ScalingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

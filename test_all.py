@@ -1836,9 +1836,12 @@ def test_cpt_command_and_plan_end_to_end(tmp_path, monkeypatch, capsys):
     (["fit", "--law=chinchilla", "--data={nocol}"], "has no column 'D'"),
     (["fit", "--law=kaplan", "--data={few}"], "unknown law 'kaplan'"),
     (["cpt", "--data={runs}", "--train_ptpp=15", "--test_ptpp=279"], "no run in"),
-    (["fit", "--law=chinchilla", "--data={few}", "--bootstrap=lots"], "--bootstrap=lots is not an integer"),
-    (["fit", "--law=chinchilla", "--dat=x.csv"], "unknown option '--dat=x.csv' for fit; valid keys: law, data"),
-    (["optimal", "--compute=1e21"], "optimal needs --fit"),
+    (["fit", "--law=chinchilla", "--data={few}", "--bootstrap=lots"], "argument --bootstrap: invalid int value: 'lots'"),
+    (["fit", "--law=chinchilla", "--data={few}", "--dat=x.csv"], "unrecognized arguments: --dat=x.csv (see --help)"),
+    (["fit", "--law=chinchilla", "--dat=x.csv"], "the following arguments are required: --data (see --help)"),
+    (["fit", "--law=chinchilla", "--data={few}", "--json=yes"], "argument --json: invalid boolean value: 'yes'"),
+    (["optimal", "--compute=1e21"], "the following arguments are required: --fit"),
+    (["fitt", "--law=chinchilla"], "invalid choice: 'fitt'"),
 ])
 def test_scaling_bad_input_is_one_sentence(tmp_path, capsys, args, text):
     files = dict(neg="N,D,loss\n1e8,2e9,3.0\n1e8,-5,3.0\n", nan="N,D,loss\n1e8,2e9,nan\n",
