@@ -321,8 +321,8 @@ def ints(text):
 
 def main(argv):
     p = ArgumentParser(description=__doc__)
-    what = "the coordinate check: mean |activation| against width (or depth) over a few training steps"
-    c = p.add_subparsers(dest="command", required=True).add_parser("coord", help=what, description=what)
+    c = p.add_subparsers(dest="command", required=True).add_parser(
+        "coord", help="the coordinate check: mean |activation| against width (or depth) over a few training steps")
     c.add_argument("--param", default="mup", help="|".join(PARAMS))
     c.add_argument("--widths", type=ints, default=(64, 128, 256, 512), help="widths d, comma-separated")
     c.add_argument("--depths", type=ints, help="depths L instead of widths, comma-separated")

@@ -570,24 +570,19 @@ def main(argv):
     """Run one command; a user error prints one sentence and returns 2."""
     p = ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-
-    def command(fn, what):
-        c = sub.add_parser(fn.__name__[4:], help=what, description=what)
-        c.set_defaults(fn=fn)
-        return c
-    c = command(cmd_fit, "fit a law to a CSV of points")
+    c = sub.add_parser("fit", help="fit a law to a CSV of points")
     c.add_argument("--law", required=True, help=", ".join(LAWS))
     c.add_argument("--data", required=True, help="CSV of the law's inputs and loss")
     c.add_argument("--bootstrap", type=int, default=0, help="resamples for 95%% confidence intervals")
-    c = command(cmd_optimal, "compute-optimal N and D of a chinchilla fit")
+    c = sub.add_parser("optimal", help="compute-optimal N and D of a chinchilla fit")
     c.add_argument("--fit", required=True, help="a `fit --json` file")
     c.add_argument("--compute", type=float, required=True, help="training FLOPs")
-    c = command(cmd_cpt, "fit the CPT laws on some PTPPs and score their forecasts at others")
+    c = sub.add_parser("cpt", help="fit the CPT laws on some PTPPs and score their forecasts at others")
     c.add_argument("--data", required=True, help="CSVs or run directories, comma-separated")
     c.add_argument("--train_ptpp", type=floats, required=True, help="PTPPs to fit on, comma-separated")
     c.add_argument("--test_ptpp", type=floats, required=True, help="PTPPs to forecast, comma-separated")
     c.add_argument("--save", help="write the fits to this JSON file (what `plan --fit` reads)")
-    c = command(cmd_plan, "replay ratio and CPT tokens: least compute for a target loss, or least loss under a cap")
+    c = sub.add_parser("plan", help="replay ratio and CPT tokens: least compute to a target loss, or least loss")
     c.add_argument("--fit", required=True, help="a `cpt --save` file, or target.json,base.json from `fit --json`")
     c.add_argument("--law", default="ptpp_transfer", help="the law to take from a `cpt --save` file")
     c.add_argument("--N", type=float, required=True, help="base model parameters")
@@ -605,8 +600,7 @@ def main(argv):
     except SystemExit as e:  # argparse has printed --help (0) or a one-line error (2)
         return e.code
     try:
-        del args["command"]
-        args.pop("fn")(**args)
+        dict(fit=cmd_fit, optimal=cmd_optimal, cpt=cmd_cpt, plan=cmd_plan)[args.pop("command")](**args)
     except ScalingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
