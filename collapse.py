@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from configurator import ArgumentParser
 from mup import MupError, batch_opt, lr_factor, tau, tau_opt, weight_decay_for_tau  # the training side of the recipe
 
 X_REPORT = [0.25, 0.5, 0.75, 0.9]  # where Δ and σ are reported
@@ -546,67 +547,62 @@ def write_csv(curves, path):
     os.replace(path + ".tmp", path)
 
 
-REQUIRED = object()
-INPUT = {"runs": (str, REQUIRED), "x": (str, None), "size_col": (str, None), "seed_col": (str, None),
-         "smooth": (int, 1), "force": (bool, False), "json": (bool, False)}
-COMMANDS = {
-    "recipe": {"params": (float, REQUIRED), "tpp": (float, 20.0), "lr": (float, 1.2e-2), "seq_len": (int, 2048),
-               "json": (bool, False)},
-    "analyze": {**INPUT, "offset": (str, "none"), "ref": (str, None), "plot": (str, None)},
-    "forecast": {**INPUT, "ref": (str, REQUIRED), "at": (float, 0.3), "shape": (str, "curve")},
-    "synth": {"out": (str, REQUIRED), "tau": (str, "0.2"), "seeds": (int, 2), "L0": (float, 0.0)},
-}
-
-
-def parse_flags(cmd, argv):
-    spec = COMMANDS[cmd]
-    opts = {k: d for k, (_, d) in spec.items()}
-    for a in argv:
-        key, eq, val = a[2:].partition("=") if a.startswith("--") else ("", "", "")
-        if key not in spec:
-            raise CollapseError(f"unknown argument {a!r} for {cmd}; valid flags: {', '.join('--' + k for k in spec)}")
-        typ = spec[key][0]
-        if typ is bool:
-            if eq and val.lower() not in ("true", "false", "1", "0"):
-                raise CollapseError(f"--{key}={val} must be true or false")
-            opts[key] = not eq or val.lower() in ("true", "1")
-        else:
-            try:
-                opts[key] = typ(val)
-            except ValueError:
-                raise CollapseError(f"--{key}={val!r} is not a valid {typ.__name__}")
-    missing = [k for k, v in opts.items() if v is REQUIRED]
-    if missing:
-        raise CollapseError(f"{cmd} needs {', '.join('--' + k + '=…' for k in missing)}")
-    return opts
+def floats(text):
+    return [float(v) for v in text.split(",")]
 
 
 def main(argv):
-    if not argv or argv[0] not in COMMANDS:
-        raise CollapseError(f"usage: python collapse.py {{{'|'.join(COMMANDS)}}} --key=value ...")
-    cmd, o = argv[0], parse_flags(argv[0], argv[1:])
+    p = ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("recipe", help="a compute-efficient run: tokens, batch, steps and the λ that hits τ_opt")
+    c.add_argument("--params", type=float, required=True, help="model parameters N")
+    c.add_argument("--tpp", type=float, default=20.0, help="training tokens per parameter")
+    c.add_argument("--lr", type=float, default=1.2e-2, help="peak learning rate η")
+    c.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    c.add_bool("--json", help="print the result as JSON")
+    for name, what in (("analyze", "collapse deviation Δ, seed noise floor σ and per-run residuals of a family"),
+                       ("forecast", "final losses of (partial) runs from a prefix, against reference runs")):
+        c = sub.add_parser(name, help=what)
+        c.add_argument("--runs", required=True, help="run directories, CSVs or globs, comma-separated")
+        c.add_argument("--x", help="the CSV column of progress (default: tokens, compute or step)")
+        c.add_argument("--size_col", help="the CSV column of model size")
+        c.add_argument("--seed_col", help="the CSV column of seed")
+        c.add_argument("--smooth", type=int, default=1, help="moving-average window, in points")
+        c.add_bool("--force", help="accept runs that mix LR schedules or tokens per parameter")
+        c.add_bool("--json", help="print the result as JSON")
+    c = sub.choices["analyze"]
+    c.add_argument("--offset", default="none", help="none (L/L(1)), fit or a number L0 ((L-L0)/(L(1)-L0))")
+    c.add_argument("--ref", help="the run the residuals are taken against (default: the mean curve)")
+    c.add_argument("--plot", help="write the curves to this .png, .pdf or .svg")
+    c = sub.choices["forecast"]
+    c.add_argument("--ref", required=True, help="the reference runs, as --runs")
+    c.add_argument("--at", type=float, default=0.3, help="forecast from the prefix x <= at")
+    c.add_argument("--shape", default="curve", help="curve (mean reference curve) or param (Eq. 4 fitted on them)")
+    c = sub.add_parser("synth", help="write a synthetic family of runs to a CSV, to try the tools on")
+    c.add_argument("--out", required=True, help="the CSV to write")
+    c.add_argument("--tau", type=floats, default=[0.2], help="AdamW timescales, comma-separated")
+    c.add_argument("--seeds", type=int, default=2, help="seeds per size and τ")
+    c.add_argument("--L0", type=float, default=0.0, help="irreducible loss")
+    o = p.parse_args(argv)
+    cmd = o.command
     if cmd == "synth":
-        try:
-            taus = [float(t) for t in o["tau"].split(",")]
-        except ValueError:
-            raise CollapseError(f"--tau={o['tau']} must be comma-separated numbers")
-        curves = [c for i, t in enumerate(taus) for c in synthetic([1e6, 4e6, 16e6, 64e6], t, o["seeds"], L0=o["L0"],
+        curves = [c for i, t in enumerate(o.tau) for c in synthetic([1e6, 4e6, 16e6, 64e6], t, o.seeds, L0=o.L0,
                                                                    noise=0.002, seed_sd=0.003, rng=i)]
-        write_csv(curves, o["out"])
-        print(f"wrote {len(curves)} runs to {o['out']}")
+        write_csv(curves, o.out)
+        print(f"wrote {len(curves)} runs to {o.out}")
         return
-    load = lambda spec: load_curves(spec, o["x"], o["size_col"], o["seed_col"])
+    load = lambda spec: load_curves(spec, o.x, o.size_col, o.seed_col)
     if cmd == "recipe":
-        res = recipe(o["params"], o["tpp"], o["lr"], o["seq_len"])
+        res = recipe(o.params, o.tpp, o.lr, o.seq_len)
     elif cmd == "analyze":
-        curves = load(o["runs"])
-        res = analyze(curves, o["offset"], o["smooth"], o["ref"], o["force"])
-        if o["plot"]:
-            plot_collapse(curves, res, o["plot"])
+        curves = load(o.runs)
+        res = analyze(curves, o.offset, o.smooth, o.ref, o.force)
+        if o.plot:
+            plot_collapse(curves, res, o.plot)
         res.pop("arrays")
     else:
-        res = forecast_runs(load(o["runs"]), load(o["ref"]), o["at"], o["shape"], o["smooth"], o["force"])
-    if o["json"]:
+        res = forecast_runs(load(o.runs), load(o.ref), o.at, o.shape, o.smooth, o.force)
+    if o.json:
         print(json.dumps(res))
     elif cmd == "recipe":
         print("\n".join(f"{k:>13} {v:.6g}" if isinstance(v, float) else f"{k:>13} {v}" for k, v in res.items()))

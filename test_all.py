@@ -1176,8 +1176,10 @@ def test_bad_input_is_one_sentence(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     for args, words in ((["analyze", "--runs=/nonexistent"], "/nonexistent does not exist"),
                         (["analyze", f"--runs={tmp_path}"], "neither a run directory"),  # a folder of CSVs
-                        (["analyze", "--runz=x"], "unknown argument"),
-                        (["recipe", "--params=abc"], "not a valid float"),
+                        (["analyze", "--runs=x", "--runz=x"], "error: unrecognized arguments: --runz=x (see --help)"),
+                        (["analyze", "--runz=x"], "error: the following arguments are required: --runs (see --help)"),
+                        (["analyze", "--runs=x", "--json=1"], "error: argument --json: invalid boolean value: '1'"),
+                        (["recipe", "--params=abc"], "error: argument --params: invalid float value: 'abc'"),
                         (["analyze", f"--runs={csv_with(['a,1,3', 'a,2,2'])}"], "needs at least 3"),
                         (["analyze", f"--runs={csv_with([])}"], "has no data rows"),   # a header only
                         (["analyze", f"--runs={tmp_path / 'empty.csv'}"], "has no data rows")):
