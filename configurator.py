@@ -107,7 +107,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help as the tools show it: the description (a module docstring) as written, each flag with its default."""
 
     def _get_help_string(self, action):  # no "(default: None)" after a flag that has no default
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):

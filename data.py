@@ -35,6 +35,8 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tqdm import tqdm
 
+from configurator import ArgumentParser
+
 EOT = "<|endoftext|>"
 SHARD_TOKENS = 100_000_000  # fineweb-style shards, 200 MB each as uint16
 MIN_VAL_TOKENS = 4 * (8192 + 1)  # the val split always holds a few windows of BTLM's long context
@@ -554,38 +556,32 @@ def val_batches(dataset, seq_len, n_batches, batch_size, seed=0):
 # -----------------------------------------------------------------------------
 # command line
 
-CLI = dict(source="", out="", tokenizer="bytes", val_fraction=0.005, workers=1, overwrite=False, max_tokens=0,
-           verify="")
-
-
 def main(argv):
-    cfg = dict(CLI)
-    for arg in argv:
-        key, _, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if key not in cfg:
-            raise DataError(f"unknown argument {arg!r}; valid keys: " + ", ".join(f"--{k}" for k in CLI))
-        kind = type(CLI[key])
-        if kind is bool and value not in ("", "True", "False"):
-            raise DataError(f"--{key}={value} is not True or False")
-        try:
-            cfg[key] = value != "False" if kind is bool else kind(value)  # a bare --overwrite means True
-        except ValueError:
-            raise DataError(f"--{key}={value} is not a valid {kind.__name__}") from None
-    if cfg["verify"]:
-        ds = Dataset(cfg["verify"], verify=True)
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--source", default="", help="stdlib, prose, a file or folder, or hf:NAME (default: both built-ins)")
+    p.add_argument("--out", default="", help="the dataset folder to write (a built-in's default: data/NAME)")
+    p.add_argument("--tokenizer", default="bytes", help="bytes, gpt2 or another tiktoken encoding")
+    p.add_argument("--val_fraction", type=float, default=0.005, help="share of the tokens held out, by document")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    p.add_bool("--overwrite", help="replace a dataset that exists")
+    p.add_argument("--max_tokens", type=int, default=0, help="stop after this many tokens (0: the whole source)")
+    p.add_argument("--verify", default="", help="re-hash this dataset's shards and check every token id instead")
+    cfg = p.parse_args(argv)
+    if cfg.verify:
+        ds = Dataset(cfg.verify, verify=True)
         print(f"{ds.path}: ok ({ds.tokenizer}, vocab {ds.vocab_size}, {ds.meta['tokens']['train']:,} train + "
               f"{ds.meta['tokens']['val']:,} val tokens in {len(ds.meta['shards'])} shards, sha256 verified)")
         return
-    args = dict(tokenizer=cfg["tokenizer"], val_fraction=cfg["val_fraction"], workers=cfg["workers"],
-                overwrite=cfg["overwrite"], max_tokens=cfg["max_tokens"] or None)
-    if cfg["source"]:
-        if not cfg["out"] and cfg["source"] not in BUILTIN:
-            raise DataError(f"--out is required for --source={cfg['source']}")
-        prepare(cfg["source"], cfg["out"] or os.path.join("data", cfg["source"]), **args)
+    args = dict(tokenizer=cfg.tokenizer, val_fraction=cfg.val_fraction, workers=cfg.workers,
+                overwrite=cfg.overwrite, max_tokens=cfg.max_tokens or None)
+    if cfg.source:
+        if not cfg.out and cfg.source not in BUILTIN:
+            raise DataError(f"--out is required for --source={cfg.source}")
+        prepare(cfg.source, cfg.out or os.path.join("data", cfg.source), **args)
         return
     for name in BUILTIN:  # the built-in default that train.py trains on
         out = os.path.join("data", name)
-        if os.path.exists(out) and not cfg["overwrite"]:
+        if os.path.exists(out) and not cfg.overwrite:
             print(f"{out} exists, skipping (--overwrite rebuilds it)")
         else:
             prepare(name, out, **args)

@@ -914,10 +914,12 @@ def test_cli(tmp_path, capsys):
     assert sum(Dataset(out).meta["tokens"].values()) == 500
     data.main([f"--verify={out}"])
     assert "sha256 verified" in capsys.readouterr().out
-    with pytest.raises(DataError, match="unknown argument '--sorce=x'; valid keys: --source, --out"):
-        data.main(["--sorce=x"])
-    with pytest.raises(DataError, match="--workers=two is not a valid int"):
-        data.main(["--workers=two"])
+    for bad, message in (("--sorce=x", "unrecognized arguments: --sorce=x"),
+                         ("--workers=two", "argument --workers: invalid int value: 'two'"),
+                         ("--overwrite=yes", "argument --overwrite: invalid boolean value: 'yes'")):
+        with pytest.raises(SystemExit) as e:
+            data.main([bad])
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: {message} (see --help)\n"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), f"--source={tmp_path / 'nowhere'}",
                         f"--out={tmp_path / 'x'}"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: source ")
