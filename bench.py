@@ -3,13 +3,16 @@ Benchmarks: one function per measurement ("section"), each returning a flat dict
 
     python bench.py                    # every section
     python bench.py --only=scaling     # a comma-separated list of sections
-    python bench.py --json             # one JSON object keyed by section
+    python bench.py --json             # one JSON line per section, {section: results}
     python bench.py --quick            # fewer repeats, smaller grids (model sections)
     python bench.py --only=mpt --mpt_python=/tmp/benchvenv/bin/python   # the peer's own environment
 
-To add a section, write `def bench_<name>()` returning {key: number or text} and add it to SECTIONS.
+Each section is printed as soon as it is measured, with its wall time as section_s, after a first "machine" line
+(torch, threads, the CPU capability torch dispatches to, load average). To add a section, write
+`def bench_<name>()` returning {key: number or text} and add it to SECTIONS.
 The dev machine is shared, so sections time each thing more than once and report the best.
 """
+import argparse
 import json
 import os
 import sys
@@ -418,28 +421,43 @@ SECTIONS = {"scaling": bench_scaling, "peak": bench_peak, "train": bench_train, 
             "gpu": bench_gpu}
 
 
+def sections(text):
+    names = text.split(",")
+    if unknown := [n for n in names if n not in SECTIONS]:
+        raise argparse.ArgumentTypeError(f"unknown section {unknown[0]!r}; the sections: {', '.join(SECTIONS)}")
+    return names
+
+
+def python_file(path):
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path} is not a file")
+    return path
+
+
 if __name__ == "__main__":
-    only, as_json = list(SECTIONS), False
-    for arg in sys.argv[1:]:
-        key, _, val = arg.lstrip("-").partition("=")
-        if arg.startswith("--only=") and all(v in SECTIONS for v in val.split(",")):
-            only = val.split(",")
-        elif arg == "--json":
-            as_json = True
-        elif arg == "--quick":
-            QUICK = True
-        elif arg.startswith("--mpt_python=") and os.path.isfile(val):
-            MPT_PYTHON = val
+    from configurator import ArgumentParser
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--only", type=sections, default=",".join(SECTIONS), help="the sections to run, comma-separated")
+    p.add_bool("--json", help="print one JSON line per section, {section: results}")
+    p.add_bool("--quick", help="fewer repeats, fewer tokens a step and a smaller grid in the model sections")
+    p.add_argument("--mpt_python", type=python_file, help="a python that imports transformers, for the mpt section")
+    args = p.parse_args()
+    QUICK, MPT_PYTHON = args.quick, args.mpt_python
+
+    def show(name, result):  # printed as soon as it is measured, so a run stopped half-way keeps what it measured
+        if args.json:
+            print(json.dumps({name: result}), flush=True)
         else:
-            print(f"error: bad argument {arg!r}; valid: --only=<{','.join(SECTIONS)}>, --json, --quick and "
-                  f"--mpt_python=<an existing python executable>", file=sys.stderr)
-            sys.exit(2)
-    results = {}
-    for name in only:
-        results[name] = SECTIONS[name]()
-        if not as_json:
-            print(f"== {name}")
-            for k, v in results[name].items():
-                print(f"  {k:<20} {v}")
-    if as_json:
-        print(json.dumps(results))
+            print(f"== {name}\n" + "\n".join(f"  {k:<20} {v}" for k, v in result.items()), flush=True)
+    import torch
+    show("machine", {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average": os.getloadavg()})
+    failed = False
+    for name in args.only:
+        t0 = time.perf_counter()
+        try:
+            result = SECTIONS[name]()
+        except Exception as e:  # one section's failure is its result; the others still run
+            result, failed = {"error": f"{type(e).__name__}: {str(e)[:300]}"}, True
+        show(name, dict(result, section_s=round(time.perf_counter() - t0, 1)))
+    sys.exit(1 if failed else 0)

@@ -1865,5 +1865,24 @@ def test_cli_exit_code_without_traceback(tmp_path):
     assert p.returncode == 2 and p.stderr.startswith("error: cannot read") and "Traceback" not in p.stderr
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# every script's command line: --help, and a bad flag as one line
+
+@pytest.mark.parametrize("command, shows", [
+    ("train.py", "--out_dir"), ("sample.py", "--run"), ("data.py", "--source"), ("bench.py", "--only"),
+    ("mup.py", "coord"), ("mup.py coord", "--widths"), ("scaling.py", "optimal"), ("scaling.py plan", "--max_forgetting"),
+    ("collapse.py", "forecast"), ("collapse.py analyze", "--offset")])
+def test_help_exits_0_and_lists_the_flags(command, shows):
+    rc, out, err = run_cli(*command.split(), "--help")
+    assert rc == 0 and shows in out and "Traceback" not in err, (out, err)
+
+
+@pytest.mark.parametrize("command", ["train.py", "sample.py", "data.py", "bench.py", "mup.py coord",
+                                     "scaling.py fit --law=chinchilla --data=x.csv", "collapse.py analyze --runs=x"])
+def test_a_bad_flag_is_one_line_and_exit_2(command):
+    rc, out, err = run_cli(*command.split(), "--no_such_flag=1")
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no_such_flag" in err, err
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-rs", "-p", "no:cacheprovider"] + sys.argv[1:]))
