@@ -96,13 +96,13 @@ def bench_scaling(points=240, scipy_starts=300, repeats=2, seed=0):
 # ---- model performance (issue: "bench.py, the fast paths, and throughput / MFU / memory measured side by side") ----
 # Every ratio below is measured back to back in one process, so the machine's load (shared, noisy) cancels out
 # as far as it can; absolute tok/s are only comparable within one run.
-QUICK = False          # --quick: fewer repeats and the smaller grid
+QUICK = False          # --quick: fewer repeats, smaller grids and shorter sequences (under 5 min on the dev machine)
 MPT_PYTHON = None      # --mpt_python=PATH: an interpreter that can import transformers (the MPT peer)
 D384 = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=50304)  # the issue's 6-layer, d = 384 model, GPT-2-sized vocab
 
 
 def tokens_per_step():
-    return 1024 if QUICK else 4096
+    return 512 if QUICK else 4096
 _peaks = {}
 
 
@@ -196,18 +196,20 @@ def _alternate(steps, rounds):
 
 def bench_train():
     """Training tok/s and MFU (against bench_peak's matmul peak of the same dtype) of the tiny preset and the
-    6-layer d = 384 model, fp32 and bf16 autocast, eager and torch.compile'd, at a constant tokens_per_step()."""
+    6-layer d = 384 model, fp32 and bf16 autocast, eager and torch.compile'd, at a constant tokens_per_step()
+    (--quick: the d = 384 model at T = 256, compiled in one dtype only: a compile takes a minute on a loaded host)."""
     torch = _torch_setup()
     out, runs = {}, []
-    grid, n = [("tiny", 256), ("d384", 256), ("d384", 1024)], tokens_per_step()
+    grid, n = [("d384", 256)] if QUICK else [("tiny", 256), ("d384", 256), ("d384", 1024)], tokens_per_step()
     for name, T in grid:
         for dtype in dtypes():
             models, steps = {}, {}
-            for mode in ("eager", "compiled"):  # eager and compiled in turns: their ratio is what load cannot move
+            compiled = not QUICK or dtype == dtypes()[-1]  # --quick compiles in the last dtype (bf16 where it runs)
+            for mode in ("eager", "compiled") if compiled else ("eager",):  # in turns: load cannot move their ratio
                 torch.manual_seed(0)
                 models[mode] = _gpt(T, preset="tiny") if name == "tiny" else _gpt(T, **D384)
                 steps[mode] = _step_fn(models[mode], T, n // T, dtype, mode == "compiled")
-            for mode, t in _alternate(steps, 2 if QUICK else 4).items():
+            for mode, t in _alternate(steps, 1 if QUICK else 4).items():
                 key = f"{name}_T{T}_{dtype}_{mode}"
                 out[key + "_tok_s"] = round(n / t)
                 runs.append((key, models[mode], n / t, T, dtype))
@@ -226,16 +228,17 @@ def bench_train():
 
 def bench_alibi():
     """ALiBi's cost: the d = 384 model with SDPA + the per-key fp32 bias against plain causal SDPA (no bias),
-    eager, trained alternately (A, B, A, B, ...) so that load changes hit both; ratio = ALiBi time / causal time."""
+    eager, trained alternately (A, B, A, B, ...) so that load changes hit both; ratio = ALiBi time / causal time.
+    T = 256 and 1,024 (--quick: 512)."""
     torch = _torch_setup()
     out, n = {}, tokens_per_step()
-    for T in (256, 1024):
+    for T in (512,) if QUICK else (256, 1024):
         for dtype in dtypes():
             steps = {}
             for impl in ("sdpa", "causal"):
                 torch.manual_seed(0)
                 steps[impl] = _step_fn(_gpt(T, impl, **D384), T, n // T, dtype, False)
-            best = _alternate(steps, 3 if QUICK else 6)
+            best = _alternate(steps, 1 if QUICK else 6)
             out[f"T{T}_{dtype}_alibi_tok_s"] = round(n / best["sdpa"])
             out[f"T{T}_{dtype}_causal_tok_s"] = round(n / best["causal"])
             out[f"T{T}_{dtype}_overhead"] = round(best["sdpa"] / best["causal"] - 1, 3)
@@ -272,14 +275,14 @@ def _subprocess_json(python, code, timeout=900):
 def bench_mpt():
     """Our d = 384 model (SDPA + per-key ALiBi) against HF transformers' MPT of the same shape (ALiBi, 6 layers,
     d = 384, vocabulary 50,304; its eager attention builds the (T, T) scores), one eager training step each with
-    the same tokens, at T = 256, 2,048 and 4,096. ratio = our tok/s / MPT's."""
+    the same tokens, at T = 256, 2,048 and 4,096 (--quick: 256 and 1,024). ratio = our tok/s / MPT's."""
     import importlib.util
     python = MPT_PYTHON or (sys.executable if importlib.util.find_spec("transformers") else None)
     if python is None:
         return {"skipped": "the MPT peer is unavailable: transformers is not importable here; pass "
                            "--mpt_python=/path/to/python of a venv that has it (README: benchmark setup)"}
     out = {"mpt_python": python}
-    for T in (256, 2048, 4096):
+    for T in (256, 1024) if QUICK else (256, 2048, 4096):
         B = max(1, tokens_per_step() // T)
         for dtype in dtypes():
             try:
@@ -329,26 +332,27 @@ def _peak_mib(what, T, B):
 def bench_memory():
     """Peak memory of one training step of the d = 384 model (fp32, SDPA + per-key ALiBi) at T = 8,192 against
     four sequences of 2,048: the same 8,192 tokens, so only attention's T-dependence differs. A fresh process per
-    configuration; MiB above the RSS after the model was built."""
-    long, short = _peak_mib("model", 8192, 1), _peak_mib("model", 2048, 4)
-    return {"T8192x1_MiB": round(long), "T2048x4_MiB": round(short), "ratio": round(long / short, 2)}
+    configuration; MiB above the RSS after the model was built. (--quick: 1,024 against four of 256.)"""
+    T = 1024 if QUICK else 8192
+    long, short = _peak_mib("model", T, 1), _peak_mib("model", T // 4, 4)
+    return {f"T{T}x1_MiB": round(long), f"T{T // 4}x4_MiB": round(short), "ratio": round(long / short, 2)}
 
 
 def bench_attention():
     """Attention layer alone (model.CausalSelfAttention, d = 384, 6 heads, batch 1): forward+backward time of
-    path (a), SDPA with the per-key fp32 ALiBi bias, against the naive (H, T, T) reference, and path (a)'s peak
-    memory at T = 8,192 against four sequences of 2,048 (fresh process each)."""
+    path (a), SDPA with the per-key fp32 ALiBi bias, against the naive (H, T, T) reference, at T = 1,024 and 4,096
+    (--quick: 2,048), and path (a)'s peak memory at T = 8,192 against four sequences of 2,048 (fresh process each)."""
     torch = _torch_setup()
     import model
     out = {}
-    for T in (1024, 4096):
+    for T in (1024, 2048) if QUICK else (1024, 4096):
         times = {}
         for impl in ("sdpa", "naive"):
             cfg = model.GPTConfig(block_size=T, attn_impl=impl, **D384)
             torch.manual_seed(0)
             layer = model.CausalSelfAttention(cfg, scale=(cfg.n_embd // cfg.n_head) ** -1.0)
             x = torch.randn(1, T, cfg.n_embd, requires_grad=True)
-            times[impl], _ = best_time(lambda: layer(x).sum().backward(), 3 if QUICK else 5)
+            times[impl], _ = best_time(lambda: layer(x).sum().backward(), 2 if QUICK else 5)
         out[f"T{T}_sdpa_ms"], out[f"T{T}_naive_ms"] = round(times["sdpa"] * 1e3, 1), round(times["naive"] * 1e3, 1)
         out[f"T{T}_speedup"] = round(times["naive"] / times["sdpa"], 2)
     long, short = _peak_mib("sdpa", 8192, 1), _peak_mib("sdpa", 2048, 4)
@@ -357,13 +361,13 @@ def bench_attention():
 
 
 def bench_generate():
-    """Greedy generation of 512 new tokens (batch 1, 16-token prompt) with the KV cache against recomputing the
-    whole prefix every step, for the d = 384 model; ratio = cached tok/s / recomputed tok/s."""
+    """Greedy generation of 512 new tokens (--quick: 32; batch 1, 16-token prompt) with the KV cache against
+    recomputing the whole prefix every step, for the d = 384 model; ratio = cached tok/s / recomputed tok/s."""
     torch = _torch_setup()
-    n = 128 if QUICK else 512
+    n = 32 if QUICK else 512
     m = _gpt(1024, **D384).eval()
     idx = torch.randint(D384["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(0))
-    t_kv, a = best_time(lambda: m.generate(idx, n, temperature=0, use_cache=True), 2)
+    t_kv, a = best_time(lambda: m.generate(idx, n, temperature=0, use_cache=True), 2)  # the first call warms up
     t_re, b = best_time(lambda: m.generate(idx, n, temperature=0, use_cache=False), 2)
     return {"new_tokens": n, "kv_tok_s": round(n / t_kv, 1), "recompute_tok_s": round(n / t_re, 1),
             "ratio": round(t_re / t_kv, 1), "same_tokens": bool(torch.equal(a, b))}
