@@ -408,9 +408,9 @@ def dataclasses_replace(c, **kw):
 def test_pretraining_run_directory_and_falling_loss(corpora, tmp_path):
     log = train(corpora, tmp_path / "a", "--max_iters=20", "--tau=0.5")
     cfg = json.load(open(tmp_path / "a" / "config.json"))
-    for k in ("N", "D", "TPP", "B", "T", "lr", "weight_decay", "tau", "param", "seed", "code", "cpt"):
+    for k in ("N", "D", "TPP", "B", "steps", "lr", "weight_decay", "tau", "param", "seed", "code", "cpt"):
         assert k in cfg
-    assert cfg["D"] == 20 * 512 and cfg["T"] == 20 and cfg["TPP"] == pytest.approx(cfg["D"] / cfg["N"])
+    assert cfg["D"] == 20 * 512 and cfg["steps"] == 20 and cfg["TPP"] == pytest.approx(cfg["D"] / cfg["N"])
     # --tau sets λ = B/(η·τ·D)
     assert cfg["tau"] == pytest.approx(0.5) and cfg["weight_decay"] == pytest.approx(512 / (3e-3 * 0.5 * 20 * 512))
     steps = [r for r in log if "loss" in r]
@@ -991,11 +991,11 @@ def test_recipe_matches_power_lines():
     assert batch_opt(1e9) == pytest.approx(85.65, abs=0.01)
     assert batch_opt(1e9, in_tokens=True) == pytest.approx(2048 * batch_opt(1e9), rel=1e-12)
     r = recipe(1e6, 20, lr=0.012)
-    assert r["D"] == r["T"] * r["B"] and r["B"] == r["B_seqs"] * 2048
+    assert r["D"] == r["steps"] * r["B"] and r["B"] == r["B_seqs"] * 2048
     assert abs(r["D"] - 2e7) <= r["B"] / 2  # D rounded to whole steps
     assert r["B_seqs"] == round(batch_opt(2e7))  # 19.1 → 19 sequences
     assert r["tau"] == pytest.approx(tau_opt(20), rel=1e-12)
-    assert r["weight_decay"] == pytest.approx(1 / (0.012 * tau_opt(20) * r["T"]), rel=1e-12)  # λ = 1/(ητT)
+    assert r["weight_decay"] == pytest.approx(1 / (0.012 * tau_opt(20) * r["steps"]), rel=1e-12)  # λ = 1/(η·τ·steps)
     out = _cli("recipe", "--params=1e6", "--tpp=20", "--lr=0.012", "--json")
     assert out.returncode == 0 and json.loads(out.stdout) == pytest.approx(r)
 
