@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import data as data_mod
+import hf
 from model import GPT, GPTConfig, ModelError
 from train import TrainError, load_checkpoint, parse_args
 
@@ -32,7 +33,7 @@ class SampleConfig:
 def load_model(run, device, dtype=torch.float32):
     """(model, tiktoken encoding) from a run directory or hf:<name>."""
     if run.startswith("hf:"):
-        model = GPT.from_pretrained(run[3:], dtype=dtype, device=device)
+        model = hf.from_pretrained(run[3:], dtype=dtype, device=device)
         return model.to(device).eval(), data_mod.get_encoding("gpt2")
     cfg_path = os.path.join(run, "config.json")
     if not os.path.isfile(cfg_path):

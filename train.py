@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 
 import data as data_mod
+import hf
 import mup
 from collapse import CollapseError
 from model import GPT, GPTConfig, ModelError, get_preset
@@ -241,7 +242,7 @@ def build(cfg, given, ddp_rank, world):
             over["dropout"] = cfg.dropout
         model = GPT(get_preset(cfg.model, **over))
     elif cfg.init_from.startswith("hf:"):
-        model = GPT.from_pretrained(cfg.init_from[3:])
+        model = hf.from_pretrained(cfg.init_from[3:])
         cpt = {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": None, "base_ptpp": None}
     else:
         if os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out_dir):
