@@ -63,7 +63,7 @@ class GPTConfig:
 
 
 PRESETS = {
-    # BTLM-3B-8K (SPEC §1): 2,646,255,744 parameters with tied embeddings
+    # BTLM-3B-8K (Dey et al. 2023, the released cerebras/btlm-3b-8k-base config): 2,646,255,744 parameters, tied
     "btlm-3b-8k": GPTConfig(block_size=8192, vocab_size=50257, n_layer=32, n_head=32, n_embd=2560, n_inner=6826),
     # the CPU default that `python train.py` trains (byte vocabulary, ≈0.8M non-embedding parameters)
     "tiny": GPTConfig(block_size=256, vocab_size=257, n_layer=4, n_head=4, n_embd=128),
@@ -169,8 +169,8 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def _apply(self, fn, *args, **kwargs):
-        # model.to(bfloat16) must not round the fixed slopes: m_h·j needs fp32 at long context (SPEC §1). They follow
-        # a float64 model, since torch 2.13's CPU SDPA mis-reads an fp32 attn_mask next to float64 queries.
+        # model.to(bfloat16) must not round the fixed slopes: m_h·j needs fp32 at long context (see forward). They
+        # follow a float64 model, since torch 2.13's CPU SDPA mis-reads an fp32 attn_mask next to float64 queries.
         super()._apply(fn, *args, **kwargs)
         dtype = torch.promote_types(self.slopes.dtype, torch.float32)
         self.slopes = alibi_slopes(self.n_head).to(device=self.slopes.device, dtype=dtype)
@@ -249,7 +249,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def features(self, idx, cache=None):
-        """The last layer's normalised hidden states times the µP readout α_out/m_N (SPEC §2): logits = features·Wᵀ
+        """The last layer's normalised hidden states times the µP readout α_out/m_N (mup.py): logits = features·Wᵀ
         for the tied embedding W. Scaling x before the matmul equals scaling the logits, and is applied once."""
         x = self.transformer.drop(self.transformer.wte(idx) * self.pz.embedding_mult)
         for i, block in enumerate(self.transformer.h):
