@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 import data as data_mod
+import hf
 from configurator import ConfigError, configure
-from model import GPT, ModelError
+from model import ModelError
 from train import TrainError, load_checkpoint, model_from
 
 
@@ -33,7 +34,7 @@ class SampleConfig:
 def load_model(run, device, dtype=torch.float32):
     """(model, tiktoken encoding) from a run directory or hf:<name>."""
     if run.startswith("hf:"):
-        model = GPT.from_pretrained(run[3:], dtype=dtype, device=device)
+        model = hf.from_pretrained(run[3:], dtype=dtype, device=device)
         return model.to(device).eval(), data_mod.get_encoding("gpt2")
     cfg_path = os.path.join(run, "config.json")
     if not os.path.isfile(cfg_path):

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import data as data_mod
+import hf
 import mup
 from collapse import CollapseError, CollapseMonitor
 from configurator import ConfigError, configure
@@ -167,7 +168,7 @@ def init_model(cfg, ck):
             over["dropout"] = cfg.dropout
         return GPT(get_preset(cfg.model, **over)), None
     if cfg.init_from.startswith("hf:"):
-        model = GPT.from_pretrained(cfg.init_from[3:])
+        model = hf.from_pretrained(cfg.init_from[3:])
         return model, {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": None, "base_ptpp": None,
                        "base_data": None}
     if os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out_dir):
