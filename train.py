@@ -53,11 +53,11 @@ class Config:
     max_iters: int = 0
     tokens: int = 2_000_000
     tpp: float = 0.0
-    batch_tokens: int = 8192          # tokens per optimizer step (all ranks, all micro-batches)
+    batch_tokens: int = 2048          # tokens per optimizer step (all ranks, all micro-batches)
     micro_batch_tokens: int = 0       # tokens per forward/backward on one rank; 0 = batch_tokens / world_size
     seq_len_schedule: str = "256"     # VSL: "2048:0.75,8192:0.25" = 75% of tokens at 2,048, then 25% at 8,192
     # optimizer (base values η, λ of the µP proxy; mup.py scales them per parameter group)
-    lr: float = 1.2e-2                # BTLM's tuned µP base LR
+    lr: float = 3e-3                  # µP base LR η, tuned for the default model on prose (BTLM-3B-8K: 1.2e-2)
     weight_decay: float = 0.1
     tau: str = ""                     # "" keeps weight_decay; a number or "opt" (Power Lines' τ_opt(TPP)) sets each
     #                                   group's λ so that its AdamW timescale B/(η_g·λ_g·D) is τ (mup.py)
@@ -70,9 +70,9 @@ class Config:
     final_lr_frac: float = 0.0085     # BTLM decays linearly to 0.85% of the peak
     wsd_decay: float = 0.2            # wsd: the last fraction of steps decays linearly to zero
     # evaluation, logging, checkpoints
-    eval_interval: int = 50           # steps between evaluations and checkpoints
+    eval_interval: int = 100          # steps between evaluations and checkpoints
     eval_batches: int = 4
-    log_interval: int = 5
+    log_interval: int = 10            # steps between log lines
     keep_last: int = 2                # checkpoints kept
     stop_at: int = 0                  # stop (with a checkpoint) after this step, e.g. before a job's time limit
     collapse_ref: str = ""            # run dir(s) or CSV of healthy runs: warn when this run leaves their curve
