@@ -32,17 +32,17 @@ class CollapseError(Exception):
 # recipes: AdamW timescale and Power Lines (Bergsma et al. 2025, arXiv 2505.13738)
 
 def recipe(params, tpp, lr=1.2e-2, seq_len=2048):
-    """A compute-efficient run: D = TPP·N, B = B_opt(D) in whole sequences, T = D/B steps, λ hitting τ_opt(TPP).
+    """A compute-efficient run: D = TPP·N, B = B_opt(D) in whole sequences, D/B steps, λ hitting τ_opt(TPP).
     τ is every decayed group's timescale as train.py's --tau sets it: λ is the base λ (embedding) at the base
     peak LR η, and the hidden matrices, at η/m_N under µP and CompleteP, get λ·m_N, so their τ is the same."""
     if params <= 0 or tpp <= 0 or lr <= 0 or seq_len <= 0:
         raise CollapseError(f"recipe needs positive params, tpp, lr and seq_len (got {params}, {tpp}, {lr}, {seq_len})")
     B_seqs = max(1, round(batch_opt(tpp * params, in_tokens=True) / seq_len))
     B = B_seqs * seq_len
-    T = max(1, round(tpp * params / B))
-    D = T * B
+    steps = max(1, round(tpp * params / B))
+    D = steps * B
     wd = weight_decay_for_tau(tau_opt(tpp), lr, B, D)
-    return {"N": int(params), "TPP": D / params, "D": D, "B_seqs": B_seqs, "B": B, "seq_len": seq_len, "T": T,
+    return {"N": int(params), "TPP": D / params, "D": D, "B_seqs": B_seqs, "B": B, "seq_len": seq_len, "steps": steps,
             "lr": lr, "weight_decay": wd, "tau": tau(lr, wd, B, D)}
 
 # -----------------------------------------------------------------------------
@@ -150,7 +150,8 @@ def load_run(path):
                           cfg.get("N"), cfg.get("seed"), cfg.get("schedule"), cfg.get("TPP"), cfg.get("tau"),
                           cfg.get("warmup") or 0.0, num("lr"),
                           {k: cfg[k] for k in ("final_lr_frac", "wsd_decay") if isinstance(cfg.get(k), (int, float))}
-                          | ({"steps": cfg["T"]} if isinstance(cfg.get("T"), int) and cfg["T"] > 0 else {})), path)
+                          | ({"steps": cfg["steps"]} if isinstance(cfg.get("steps"), int) and cfg["steps"] > 0 else {})),
+                    path)
 
 
 def load_csv(path, x=None, size_col=None, seed_col=None):

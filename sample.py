@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 
 import data as data_mod
-from model import GPT, GPTConfig, ModelError
-from train import TrainError, load_checkpoint, parse_args
+import hf
+from configurator import ConfigError, configure
+from model import ModelError
+from train import TrainError, load_checkpoint, model_from
 
 
 @dataclass
@@ -32,19 +34,17 @@ class SampleConfig:
 def load_model(run, device, dtype=torch.float32):
     """(model, tiktoken encoding) from a run directory or hf:<name>."""
     if run.startswith("hf:"):
-        model = GPT.from_pretrained(run[3:], dtype=dtype, device=device)
+        model = hf.from_pretrained(run[3:], dtype=dtype, device=device)
         return model.to(device).eval(), data_mod.get_encoding("gpt2")
     cfg_path = os.path.join(run, "config.json")
     if not os.path.isfile(cfg_path):
         raise TrainError(f"{run} is not a run directory (no config.json)")
-    ck = load_checkpoint(run)
-    model = GPT(GPTConfig(**ck["model_config"]))
-    model.load_state_dict(ck["model"])
+    model = model_from(load_checkpoint(run))
     return model.to(device=device, dtype=dtype).eval(), data_mod.get_encoding(json.load(open(cfg_path))["tokenizer"])
 
 
 def main(argv):
-    cfg, _ = parse_args(argv, SampleConfig)  # train.py's typed --key=value parser over this file's settings
+    cfg, _ = configure(SampleConfig, argv)
     if cfg.dtype not in ("float32", "bfloat16"):
         raise TrainError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +67,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (TrainError, ModelError, data_mod.DataError) as e:
+    except (TrainError, ConfigError, ModelError, data_mod.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -361,6 +361,7 @@ def test_mup_cli_json_and_bad_flags(tmp_path):
 # train.py: runs, VSL, CPT with replay, τ, exact resume, DDP, bad input
 
 import data as data_mod  # noqa: E402
+import hf  # noqa: E402
 import train as train_mod  # noqa: E402
 
 SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--batch_tokens=512", "--seq_len_schedule=32",
@@ -410,9 +411,9 @@ def dataclasses_replace(c, **kw):
 def test_pretraining_run_directory_and_falling_loss(corpora, tmp_path):
     log = train(corpora, tmp_path / "a", "--max_iters=20", "--tau=0.5")
     cfg = json.load(open(tmp_path / "a" / "config.json"))
-    for k in ("N", "D", "TPP", "B", "T", "lr", "weight_decay", "tau", "param", "seed", "code", "cpt"):
+    for k in ("N", "D", "TPP", "B", "steps", "lr", "weight_decay", "tau", "param", "seed", "code", "cpt"):
         assert k in cfg
-    assert cfg["D"] == 20 * 512 and cfg["T"] == 20 and cfg["TPP"] == pytest.approx(cfg["D"] / cfg["N"])
+    assert cfg["D"] == 20 * 512 and cfg["steps"] == 20 and cfg["TPP"] == pytest.approx(cfg["D"] / cfg["N"])
     # --tau sets λ = B/(η·τ·D)
     assert cfg["tau"] == pytest.approx(0.5) and cfg["weight_decay"] == pytest.approx(512 / (3e-3 * 0.5 * 20 * 512))
     steps = [r for r in log if "loss" in r]
@@ -591,7 +592,7 @@ def test_cpt_from_a_hugging_face_folder(corpora, tmp_path):
     ck = train_mod.load_checkpoint(str(tmp_path / "base"))
     exported = GPT(GPTConfig(**ck["model_config"]))
     exported.load_state_dict(ck["model"])
-    exported.save_pretrained(str(tmp_path / "hf"))
+    hf.save_pretrained(exported, str(tmp_path / "hf"))
     # an HF folder names no base domain, so prose is in the mixture to be evaluated at step 0. d2z over 10 steps, as
     # in the test above: 3 linear-schedule steps at the peak LR from step 1 (warmup rounds to one step) took this
     # trained base's code loss from 5.78 up to 8.71 (measured), where a random init had fallen
@@ -995,11 +996,11 @@ def test_recipe_matches_power_lines():
     assert batch_opt(1e9) == pytest.approx(85.65, abs=0.01)
     assert batch_opt(1e9, in_tokens=True) == pytest.approx(2048 * batch_opt(1e9), rel=1e-12)
     r = recipe(1e6, 20, lr=0.012)
-    assert r["D"] == r["T"] * r["B"] and r["B"] == r["B_seqs"] * 2048
+    assert r["D"] == r["steps"] * r["B"] and r["B"] == r["B_seqs"] * 2048
     assert abs(r["D"] - 2e7) <= r["B"] / 2  # D rounded to whole steps
     assert r["B_seqs"] == round(batch_opt(2e7))  # 19.1 → 19 sequences
     assert r["tau"] == pytest.approx(tau_opt(20), rel=1e-12)
-    assert r["weight_decay"] == pytest.approx(1 / (0.012 * tau_opt(20) * r["T"]), rel=1e-12)  # λ = 1/(ητT)
+    assert r["weight_decay"] == pytest.approx(1 / (0.012 * tau_opt(20) * r["steps"]), rel=1e-12)  # λ = 1/(η·τ·steps)
     out = _cli("recipe", "--params=1e6", "--tpp=20", "--lr=0.012", "--json")
     assert out.returncode == 0 and json.loads(out.stdout) == pytest.approx(r)
 
@@ -1189,12 +1190,11 @@ def test_bad_input_is_one_sentence(tmp_path):
         assert out.returncode == 2 and words in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 # ----------------------------------------------------------------------------------------------------------------
-# model.py: Hugging Face BTLM checkpoints (parity with a reference forward written from SPEC §1)
+# hf.py: Hugging Face BTLM checkpoints (parity with a reference forward written from modeling_btlm.py's definition)
 
 import hashlib
 import json
 import os
-import struct
 import sys
 import types
 
@@ -1202,11 +1202,12 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: E402
 
-from model import GPT, HF_SLOPES, GPTConfig, ModelError, _load_safetensors, config_from_hf
+import hf
+from model import GPT, GPTConfig, ModelError
 
-# Three tiny BTLM configs with the real config.json key names (SPEC §1): µP like BTLM with 3 heads (not a power of
-# two), µP multipliers with the 1/√d_head attention (mup_scale_qk_dot_by_d false), and plain SP with 6 heads and
-# n_inner null (GPT-2's 4·n_embd).
+# Three tiny BTLM configs with cerebras/btlm-3b-8k-base's config.json key names: µP like BTLM with 3 heads (not a
+# power of two), µP multipliers with the 1/√d_head attention (mup_scale_qk_dot_by_d false), and plain SP with 6 heads
+# and n_inner null (GPT-2's 4·n_embd).
 BTLM_LIKE = dict(model_type="btlm", n_embd=48, n_layer=2, n_head=3, n_inner=100, n_positions=64, vocab_size=97,
                  layer_norm_epsilon=1e-5, initializer_range=0.073, mup_width_scale=0.25, mup_embeddings_scale=14.6,
                  mup_output_alpha=2.22, mup_scale_qk_dot_by_d=True, activation_function="swiglu",
@@ -1217,8 +1218,8 @@ CONFIGS = {"btlm_like_3_heads": BTLM_LIKE, "mup_sqrt_d": MUP_SQRT, "sp_6_heads":
 
 
 def _slopes(H):
-    """ALiBi slopes as SPEC §1 states them: 2^(−8h/H) for a power of two, else the 2^⌊log2 H⌋ set followed by every
-    other slope of the 2·2^⌊log2 H⌋ set."""
+    """ALiBi slopes as Press et al. 2022's reference code (and modeling_btlm.py) computes them: 2^(−8h/H) for a power
+    of two, else the 2^⌊log2 H⌋ set followed by every other slope of the 2·2^⌊log2 H⌋ set."""
     def power_of_two(n):
         return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
     p = 2 ** (H.bit_length() - 1)
@@ -1245,13 +1246,13 @@ def _random_hf(cfg, seed=0):
             sd[p + name + ".weight"], sd[p + name + ".bias"] = r(n_in, n_out, std=std), r(n_out, std=0.05)
     sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = r(d, std=0.1, mean=1.0), r(d, std=0.1)
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    sd[HF_SLOPES] = torch.tensor(_slopes(cfg["n_head"]), dtype=torch.float32).view(-1, 1)
+    sd[hf.HF_SLOPES] = torch.tensor(_slopes(cfg["n_head"]), dtype=torch.float32).view(-1, 1)
     return sd
 
 
 def _reference(sd, cfg, ids):
-    """SPEC §1's forward, in float64, straight from the HF tensors (a Conv1D computes x·W + b): logits and HF's loss,
-    whose labels are the input ids shifted by one inside the model."""
+    """BTLM's forward (Dey et al. 2023; modeling_btlm.py) in float64, straight from the HF tensors (a Conv1D computes
+    x·W + b): logits and HF's loss, whose labels are the input ids shifted by one inside the model."""
     f = {k: v.double() for k, v in sd.items()}
     B, T = ids.shape
     d, H = cfg["n_embd"], cfg["n_head"]
@@ -1289,22 +1290,29 @@ def _ours(model, ids):
 
 
 def _write_hf(folder, sd, cfg, fmt):
-    """An HF checkpoint folder written without model.py: pytorch_model.bin, or two .bin shards with an index."""
+    """An HF checkpoint folder written without hf.py: pytorch_model.bin ("bin"), two .bin shards with an index
+    ("sharded"), or two .safetensors shards with an index written by the safetensors package ("sharded_safetensors";
+    the package refuses aliased tensors, so the tied lm_head.weight is left out, as in the Hub's files)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     if fmt == "bin":
         torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
-    else:  # sharded: every key of layer 1 in the second shard
-        shards = {"pytorch_model-00001-of-00002.bin": {}, "pytorch_model-00002-of-00002.bin": {}}
-        weight_map = {}
-        for k, v in sd.items():
-            name = sorted(shards)[".h.1." in k]
-            shards[name][k], weight_map[k] = v, name
-        for name, part in shards.items():
-            torch.save(part, os.path.join(folder, name))
-        with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+        return str(folder)
+    if fmt == "sharded_safetensors":
+        from safetensors.torch import save_file
+        stem, ext, sd = "model", "safetensors", {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    else:
+        stem, ext, save_file = "pytorch_model", "bin", torch.save
+    shards = {f"{stem}-00001-of-00002.{ext}": {}, f"{stem}-00002-of-00002.{ext}": {}}  # layer 1 in the second shard
+    weight_map = {}
+    for k, v in sd.items():
+        name = sorted(shards)[".h.1." in k]
+        shards[name][k], weight_map[k] = v, name
+    for name, part in shards.items():
+        save_file(part, os.path.join(folder, name))
+    with open(os.path.join(folder, f"{stem}.{ext}.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
     return str(folder)
 
 
@@ -1316,8 +1324,8 @@ def test_hf_parity_with_spec_reference(tmp_path, name):
     cfg = CONFIGS[name]
     sd = _random_hf(cfg, seed=1)
     if name == "sp_6_heads":
-        del sd["lm_head.weight"], sd[HF_SLOPES]  # both optional, as in a safetensors save
-    model = GPT.from_pretrained(_write_hf(tmp_path / "ckpt", sd, cfg, "sharded" if name == "mup_sqrt_d" else "bin"))
+        del sd["lm_head.weight"], sd[hf.HF_SLOPES]  # both optional, as in a safetensors save
+    model = hf.from_pretrained(_write_hf(tmp_path / "ckpt", sd, cfg, "sharded" if name == "mup_sqrt_d" else "bin"))
     c = model.config
     assert (c.param, c.n_inner) == (("sp", 240) if name == "sp_6_heads" else ("mup", cfg["n_inner"]))
     ids = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
@@ -1328,20 +1336,21 @@ def test_hf_parity_with_spec_reference(tmp_path, name):
     assert abs(loss.item() - ref_loss.item()) < 1e-5
     # in float64 the same checkpoint matches to rounding (measured ≤ 2e-14): the semantics are exact, the fp32 gap
     # above is rounding only (the loss is computed from fp32-cast logits, hence its looser 1e-6)
-    logits64, loss64 = _ours(GPT.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float64), ids)
+    logits64, loss64 = _ours(hf.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float64), ids)
     assert (logits64 - ref_logits).abs().max().item() < 1e-10 and abs(loss64.item() - ref_loss.item()) < 1e-6
 
 
 def test_hf_config_mapping_btlm_3b():
-    """SPEC §1's released config maps to the btlm-3b-8k preset with µP base width 256 (m_N = 10) and BTLM's α."""
-    hf = dict(n_embd=2560, n_layer=32, n_head=32, n_inner=6826, n_positions=8192, vocab_size=50257,
+    """The released cerebras/btlm-3b-8k-base config maps to the btlm-3b-8k preset with µP base width 256 (m_N = 10)
+    and BTLM's α."""
+    released = dict(n_embd=2560, n_layer=32, n_head=32, n_inner=6826, n_positions=8192, vocab_size=50257,
               initializer_range=0.073, mup_width_scale=0.1, mup_embeddings_scale=14.6, mup_output_alpha=2.22,
               mup_scale_qk_dot_by_d=True, activation_function="swiglu", position_embedding_type="alibi",
               model_type="btlm", layer_norm_epsilon=1e-5)
-    c = config_from_hf(hf)
+    c = hf.config_from_hf(released)
     assert c == GPTConfig(block_size=8192, vocab_size=50257, n_layer=32, n_head=32, n_embd=2560, n_inner=6826,
                           param="mup", d_base=256, sigma=0.073, alpha_in=14.6, alpha_out=2.22)
-    assert config_from_hf(MUP_SQRT).attn_scale_power == 0.5 and config_from_hf(BTLM_LIKE).attn_scale_power is None
+    assert hf.config_from_hf(MUP_SQRT).attn_scale_power == 0.5 and hf.config_from_hf(BTLM_LIKE).attn_scale_power is None
     # 3 heads (not a power of two): the 2 power-of-two slopes 2^-4, 2^-8, then 2^-2 from the 4-head set
     assert _slopes(3) == [2 ** -4, 2 ** -8, 2 ** -2]
     assert _slopes(6) == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
@@ -1351,14 +1360,14 @@ def test_hf_round_trip_is_exact(tmp_path):
     """HF dict → GPT → HF dict returns every tensor bit for bit and the same config values; save_pretrained →
     from_pretrained returns the same GPTConfig, bit-identical parameters and bit-identical logits."""
     sd = _random_hf(BTLM_LIKE, seed=3)
-    model = GPT.from_hf_state_dict(sd, BTLM_LIKE)
-    back = model.to_hf_state_dict()
+    model = hf.from_hf_state_dict(sd, BTLM_LIKE)
+    back = hf.to_hf_state_dict(model)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
-    hf = model.to_hf_config()
-    assert {k: hf[k] for k in BTLM_LIKE} == BTLM_LIKE
-    model.save_pretrained(tmp_path / "saved")
+    hf_config = hf.to_hf_config(model)
+    assert {k: hf_config[k] for k in BTLM_LIKE} == BTLM_LIKE
+    hf.save_pretrained(model, tmp_path / "saved")
     assert sorted(os.listdir(tmp_path / "saved")) == ["config.json", "model.safetensors"]  # no temporary left
-    again = GPT.from_pretrained(str(tmp_path / "saved"))
+    again = hf.from_pretrained(str(tmp_path / "saved"))
     assert again.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert again.lm_head.weight is again.transformer.wte.weight and again.num_params() == model.num_params()
@@ -1378,28 +1387,34 @@ def test_hf_linear_layout_and_the_conv1d_flag(tmp_path):
     linear = {k: (v.t().contiguous() if v.dim() == 2 and ".h." in k else v) for k, v in sd.items()}
     ids = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(6))
     ref_logits, _ = _reference(sd, cfg, ids)
-    right = _ours(GPT.from_hf_state_dict(linear, cfg, conv1d=False), ids)[0]
-    wrong = _ours(GPT.from_hf_state_dict(linear, cfg, conv1d=True), ids)[0]
+    right = _ours(hf.from_hf_state_dict(linear, cfg, conv1d=False), ids)[0]
+    wrong = _ours(hf.from_hf_state_dict(linear, cfg, conv1d=True), ids)[0]
     assert (right.double() - ref_logits).abs().max().item() < 1e-5
     assert (wrong.double() - ref_logits).abs().max().item() > 1e-2
 
 
-def test_hf_safetensors_bytes_bf16_and_training(tmp_path):
-    """The safetensors reader decodes a file built byte by byte from the format; a bf16 load keeps fp32 slopes and
-    matches the fp32 loss within bf16 precision; a memory-mapped fp32 load trains without touching the file."""
-    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                         "b": {"dtype": "BF16", "shape": [1, 2], "data_offsets": [8, 12]}}).encode()
-    raw = struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1.5, -2.0) + bytes([0x80, 0x3f, 0x40, 0xc0])
-    (tmp_path / "t.safetensors").write_bytes(raw)
-    t = _load_safetensors(str(tmp_path / "t.safetensors"))
-    assert t["a"].tolist() == [1.5, -2.0] and t["b"].dtype == torch.bfloat16 and t["b"].tolist() == [[1.0, -3.0]]
-
+def test_hf_safetensors_both_ways_bf16_and_training(tmp_path):
+    """save_pretrained's model.safetensors reads back through the safetensors package as to_hf_state_dict's tensors
+    (less the tied lm_head.weight), and bf16 shards the package wrote load bit for bit; a bf16 load of fp32 weights
+    keeps fp32 slopes and matches the fp32 loss within bf16 precision; a memory-mapped fp32 load trains without
+    touching the file."""
+    from safetensors import safe_open
+    sd = _random_hf(BTLM_LIKE, seed=7)
     folder = tmp_path / "saved"
-    GPT.from_hf_state_dict(_random_hf(BTLM_LIKE, seed=7), BTLM_LIKE).save_pretrained(folder)
+    hf.save_pretrained(hf.from_hf_state_dict(sd, BTLM_LIKE), folder)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(sd) - {"lm_head.weight"}
+        assert all(torch.equal(f.get_tensor(k), sd[k]) and f.get_tensor(k).dtype == sd[k].dtype for k in f.keys())
+    bf = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    pkg = hf.from_pretrained(_write_hf(tmp_path / "pkg", bf, BTLM_LIKE, "sharded_safetensors"), dtype=torch.bfloat16)
+    ref = hf.from_hf_state_dict(bf, BTLM_LIKE, dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) and a.dtype == torch.bfloat16
+               for a, b in zip(pkg.state_dict().values(), ref.state_dict().values()))
+
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(8))
-    fp32, bf16 = GPT.from_pretrained(str(folder)), GPT.from_pretrained(str(folder), dtype=torch.bfloat16)
+    fp32, bf16 = hf.from_pretrained(str(folder)), hf.from_pretrained(str(folder), dtype=torch.bfloat16)
     assert bf16.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
-    assert bf16.transformer.h[0].attn.slopes.dtype == torch.float32  # ALiBi bias stays fp32 (SPEC §1)
+    assert bf16.transformer.h[0].attn.slopes.dtype == torch.float32  # the ALiBi bias stays fp32
     # bf16 weights and activations: ~2^-8 relative per op; the loss (≈ 5) moves by < 0.05
     assert abs(_ours(fp32, ids)[1].item() - _ours(bf16, ids)[1].item()) < 0.05
 
@@ -1431,13 +1446,13 @@ def test_hf_hub_download_path(tmp_path, monkeypatch):
                 shutil.copy(os.path.join(remote, f), local / f)
         return str(local)
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
-    model = GPT.from_pretrained("someone/btlm-tiny")
+    model = hf.from_pretrained("someone/btlm-tiny")
     assert [c[0] for c in calls] == ["someone/btlm-tiny"] * 2
     assert "*.safetensors" in calls[0][1] and "pytorch_model*.bin" in calls[1][1]
     assert model.config.n_head == 6
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
     with pytest.raises(ModelError, match="pip install huggingface_hub"):
-        GPT.from_pretrained("cerebras/btlm-3b-8k-base")
+        hf.from_pretrained("cerebras/btlm-3b-8k-base")
 
 
 def _error(fn):
@@ -1448,12 +1463,26 @@ def _error(fn):
     return msg
 
 
+def test_hf_without_the_safetensors_package(tmp_path, monkeypatch):
+    """safetensors is optional: without it .bin checkpoints still load, while reading or writing a .safetensors file
+    fails with one sentence naming the package, before save_pretrained writes anything."""
+    sd = _random_hf(SP, seed=10)
+    hf.save_pretrained(hf.from_hf_state_dict(sd, SP), tmp_path / "st")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import fails
+    assert hf.from_pretrained(_write_hf(tmp_path / "bin", sd, SP, "bin")).config.n_head == 6
+    assert _error(lambda: hf.from_pretrained(str(tmp_path / "st"))) == \
+        "reading a .safetensors checkpoint needs the safetensors package: pip install safetensors"
+    assert _error(lambda: hf.save_pretrained(hf.from_pretrained(str(tmp_path / "bin")), tmp_path / "new")) == \
+        "saving in Hugging Face format needs the safetensors package: pip install safetensors"
+    assert not (tmp_path / "new").exists()
+
+
 def test_hf_errors_name_the_key(tmp_path):
     """Every bad checkpoint or config is one ModelError sentence naming the offending key, value or file."""
     cfg, sd = BTLM_LIKE, _random_hf(BTLM_LIKE)
 
     def load(sd=sd, **cfg_changes):
-        return lambda: GPT.from_hf_state_dict(sd, {**cfg, **cfg_changes})
+        return lambda: hf.from_hf_state_dict(sd, {**cfg, **cfg_changes})
     missing = {k: v for k, v in sd.items() if k != "transformer.h.1.mlp.c_fc2.bias"}
     assert "transformer.h.1.mlp.c_fc2.bias" in _error(load(missing))
     extra = {**sd, "transformer.h.0.attn.q_norm.weight": torch.ones(3)}
@@ -1462,35 +1491,35 @@ def test_hf_errors_name_the_key(tmp_path):
     assert "transformer.h.0.mlp.c_fc.weight has shape (48, 101)" in _error(load(bad))
     assert "activation_function is 'gelu_new'" in _error(load(activation_function="gelu_new"))
     no_pe = {k: v for k, v in cfg.items() if k != "position_embedding_type"}
-    assert "position_embedding_type is missing" in _error(lambda: GPT.from_hf_state_dict(sd, no_pe))
+    assert "position_embedding_type is missing" in _error(lambda: hf.from_hf_state_dict(sd, no_pe))
     assert "model_type is 'gpt2'" in _error(load(model_type="gpt2"))
     assert "alibi_scaling" in _error(load(alibi_scaling={"type": "linear", "factor": 2.0}))
     assert "n_head is '3'" in _error(load(n_head="3"))
     no_d = {k: v for k, v in cfg.items() if k != "n_embd"}
-    assert "n_embd is missing" in _error(lambda: GPT.from_hf_state_dict(sd, no_d))
+    assert "n_embd is missing" in _error(lambda: hf.from_hf_state_dict(sd, no_d))
     # slopes stored by the plain 2^(−8h/H) formula, wrong for 3 heads, are caught and printed
-    wrong = {**sd, HF_SLOPES: torch.tensor([2.0 ** (-8 * h / 3) for h in (1, 2, 3)]).view(-1, 1)}
-    assert _error(load(wrong)).startswith(HF_SLOPES + " holds ALiBi slopes [0.15749")
+    wrong = {**sd, hf.HF_SLOPES: torch.tensor([2.0 ** (-8 * h / 3) for h in (1, 2, 3)]).view(-1, 1)}
+    assert _error(load(wrong)).startswith(hf.HF_SLOPES + " holds ALiBi slopes [0.15749")
     untied = {**sd, "lm_head.weight": sd["transformer.wte.weight"] + 1e-3}
     assert "lm_head.weight differs" in _error(load(untied))
     # GPT-2's causal-mask buffers are ignored
     buffers = {**sd, "transformer.h.0.attn.bias": torch.ones(1, 1, 8, 8),
                "transformer.h.0.attn.masked_bias": torch.tensor(-1e4)}
-    assert GPT.from_hf_state_dict(buffers, cfg).config.n_head == 3
+    assert hf.from_hf_state_dict(buffers, cfg).config.n_head == 3
     # folders and files
-    assert "config.json" in _error(lambda: GPT.from_pretrained(str(tmp_path)))
+    assert "config.json" in _error(lambda: hf.from_pretrained(str(tmp_path)))
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert "neither model.safetensors nor pytorch_model.bin" in _error(lambda: GPT.from_pretrained(str(tmp_path)))
+    assert "neither model.safetensors nor pytorch_model.bin" in _error(lambda: hf.from_pretrained(str(tmp_path)))
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
-    assert "model.safetensors is not a readable safetensors file" in _error(lambda: GPT.from_pretrained(str(tmp_path)))
+    assert "model.safetensors is not a readable safetensors file" in _error(lambda: hf.from_pretrained(str(tmp_path)))
     os.remove(tmp_path / "model.safetensors")
     folder = _write_hf(tmp_path / "ck", missing, cfg, "bin")
-    assert _error(lambda: GPT.from_pretrained(folder)) == \
+    assert _error(lambda: hf.from_pretrained(folder)) == \
         f"{folder}: the checkpoint is missing transformer.h.1.mlp.c_fc2.bias"
-    assert "neither a folder" in _error(lambda: GPT.from_pretrained(str(tmp_path / "no" / "such" / "dir")))
+    assert "neither a folder" in _error(lambda: hf.from_pretrained(str(tmp_path / "no" / "such" / "dir")))
     # CompleteP's 1/m_L has no BTLM key: saving fails before writing anything
     deep = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, vocab_size=50, param="completep", L_base=2))
-    assert "CompleteP" in _error(lambda: deep.save_pretrained(tmp_path / "cp"))
+    assert "CompleteP" in _error(lambda: hf.save_pretrained(deep, tmp_path / "cp"))
     assert not (tmp_path / "cp").exists()
 
 

@@ -8,9 +8,10 @@ pre-training (CPT) of a trained run on a new domain with replay. One file, nanoG
     python train.py --init_from=resume --out_dir=out/tiny     # pick up exactly where a run stopped
     torchrun --standalone --nproc_per_node=2 train.py         # data-parallel (gloo on CPU, NCCL on GPU)
 
-A run lives in out_dir: config.json (every setting, N, D, TPP, B, T, η, λ, τ), log.jsonl (one JSON object a
+A run lives in out_dir: config.json (every setting, N, D, TPP, B, steps, η, λ, τ per group), log.jsonl (one JSON object a
 line) and the last `keep_last` checkpoints ckpt_XXXXXXX.pt, each written to a temporary name and renamed.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,13 +20,16 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 import data as data_mod
+import hf
 import mup
-from collapse import CollapseError
+from collapse import CollapseError, CollapseMonitor
+from configurator import ConfigError, configure
 from model import GPT, GPTConfig, ModelError, get_preset
 
 
@@ -49,11 +53,11 @@ class Config:
     max_iters: int = 0
     tokens: int = 2_000_000
     tpp: float = 0.0
-    batch_tokens: int = 8192          # tokens per optimizer step (all ranks, all micro-batches)
+    batch_tokens: int = 2048          # tokens per optimizer step (all ranks, all micro-batches)
     micro_batch_tokens: int = 0       # tokens per forward/backward on one rank; 0 = batch_tokens / world_size
     seq_len_schedule: str = "256"     # VSL: "2048:0.75,8192:0.25" = 75% of tokens at 2,048, then 25% at 8,192
     # optimizer (base values η, λ of the µP proxy; mup.py scales them per parameter group)
-    lr: float = 1.2e-2                # BTLM's tuned µP base LR
+    lr: float = 3e-3                  # µP base LR η, tuned for the default model on prose (BTLM-3B-8K: 1.2e-2)
     weight_decay: float = 0.1
     tau: str = ""                     # "" keeps weight_decay; a number or "opt" (Power Lines' τ_opt(TPP)) sets each
     #                                   group's λ so that its AdamW timescale B/(η_g·λ_g·D) is τ (mup.py)
@@ -66,9 +70,9 @@ class Config:
     final_lr_frac: float = 0.0085     # BTLM decays linearly to 0.85% of the peak
     wsd_decay: float = 0.2            # wsd: the last fraction of steps decays linearly to zero
     # evaluation, logging, checkpoints
-    eval_interval: int = 50           # steps between evaluations and checkpoints
+    eval_interval: int = 100          # steps between evaluations and checkpoints
     eval_batches: int = 4
-    log_interval: int = 5
+    log_interval: int = 10            # steps between log lines
     keep_last: int = 2                # checkpoints kept
     stop_at: int = 0                  # stop (with a checkpoint) after this step, e.g. before a job's time limit
     collapse_ref: str = ""            # run dir(s) or CSV of healthy runs: warn when this run leaves their curve
@@ -89,56 +93,6 @@ class TrainError(Exception):
 RESUME_KEYS = {"init_from", "out_dir", "stop_at", "device", "compile", "log_interval", "sample_tokens", "collapse_ref"}
 
 
-def parse_args(argv, schema=Config):
-    """Defaults, then config files (python files of `key = value`), then --key=value flags, type-checked.
-    A config file sees the command line's settings as variables, so a family preset can derive a whole model
-    from one dial: `python train.py config/celerity.py --n_layer=6`."""
-    cfg, given = schema(), {}
-    types = {f.name: type(f.default) for f in fields(schema)}
-
-    def typed(k, v, where):
-        if k not in types:
-            raise TrainError(f"unknown setting {k!r} in {where}; valid keys: {', '.join(types)}")
-        t = types[k]
-        if isinstance(v, str) and t is not str:
-            raw, v = v, None
-            try:
-                v = {"true": True, "false": False}[raw.lower()] if t is bool else float(raw)
-                if t is int:
-                    v = int(v) if v == int(v) else None
-            except (KeyError, ValueError, OverflowError):
-                pass
-            if v is None:
-                raise TrainError(f"{k}={raw!r} from {where} is not a valid {t.__name__}")
-        if t is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
-            raise TrainError(f"{k} must be a {t.__name__}, got {v!r} in {where}")
-        return v
-    if any(a in ("-h", "--help") for a in argv):
-        doc = sys.modules[schema.__module__].__doc__
-        print(doc + "\nsettings (--key=value):\n" + "\n".join(f"  --{f.name}={f.default!r}" for f in fields(schema)))
-        sys.exit(0)
-    cli = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            k, eq, v = arg[2:].partition("=")
-            cli[k] = typed(k, v if eq else "true", "the command line")
-    for arg in argv:
-        if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise TrainError(f"config file {arg} does not exist (settings are given as --key=value)")
-            ns = dict(cli)
-            exec(open(arg).read(), ns)
-            for k, v in ns.items():
-                if k not in cli and not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
-                    given[k] = typed(k, v, arg)
-    given.update(cli)
-    for k, v in given.items():
-        setattr(cfg, k, v)
-    return cfg, given
-
-
 def peak_flops_for(device, dtype):
     """Peak matmul FLOP/s that MFU is measured against (pass --peak_flops for another machine; `python bench.py
     --only=peak` measures it): 142 GFLOP/s fp32 on this project's 2-core CPU host (bench.py, 2026-11-27); for bf16,
@@ -150,7 +104,7 @@ def peak_flops_for(device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checkpoints
+# run directories: checkpoints, config.json, the code version
 
 def checkpoints(out_dir):
     if not os.path.isdir(out_dir):
@@ -176,6 +130,13 @@ def load_checkpoint(run_dir):
         raise TrainError(f"checkpoint {ck[-1]} cannot be read ({type(e).__name__}); delete it to fall back to an older one")
 
 
+def model_from(ck):
+    """The model a checkpoint holds: its config, then its weights."""
+    model = GPT(GPTConfig(**ck["model_config"]))
+    model.load_state_dict(ck["model"])
+    return model
+
+
 def write_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
@@ -196,13 +157,44 @@ def code_version():
     return {"git": rev, "sha256": h.hexdigest()[:16]}
 
 
+def init_model(cfg, ck):
+    """(model, cpt): the model to train, from the checkpoint being resumed, from scratch, from Hugging Face, or
+    from another run (CPT); cpt describes the base model of a CPT run (None when pre-training)."""
+    if ck is not None:
+        return model_from(ck), ck["cpt"]
+    if cfg.init_from == "scratch":
+        over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "param", "d_base", "L_base") if getattr(cfg, k)}
+        if cfg.dropout >= 0:
+            over["dropout"] = cfg.dropout
+        return GPT(get_preset(cfg.model, **over)), None
+    if cfg.init_from.startswith("hf:"):
+        model = hf.from_pretrained(cfg.init_from[3:])
+        return model, {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": None, "base_ptpp": None,
+                       "base_data": None}
+    if os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out_dir):
+        raise TrainError("--init_from and --out_dir are the same run; CPT writes a new run directory")
+    if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+        raise TrainError(f"--init_from={cfg.init_from} is neither scratch, resume, hf:<name> nor a run directory")
+    base_ck = load_checkpoint(cfg.init_from)
+    model = model_from(base_ck)
+    base = json.load(open(os.path.join(cfg.init_from, "config.json")))
+    # all tokens behind the model: this run's, plus its own base model's when it was itself a CPT run
+    base_tokens = base_ck["tokens"] + ((base.get("cpt") or {}).get("base_D") or 0)
+    return model, {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": base_tokens,
+                   "base_ptpp": base_tokens / model.num_params(), "base_data": base["data"]}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
-def build(cfg, given, ddp_rank, world):
-    """Resolve data, model, budget and optimizer; returns everything the loop needs."""
-    resume = cfg.init_from == "resume"
+def main(argv):
+    # -------- settings: defaults, config files, --key=value; a resumed run takes its checkpoint's
+    cfg, given = configure(Config, argv)
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise TrainError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.schedule not in mup.SCHEDULES:
+        raise TrainError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(mup.SCHEDULES)}")
     ck = None
-    if resume:
+    if cfg.init_from == "resume":
         ck = load_checkpoint(cfg.out_dir)
         saved = ck["config"]
         changed = {k for k in given if k not in RESUME_KEYS and given[k] != saved.get(k)}
@@ -216,71 +208,62 @@ def build(cfg, given, ddp_rank, world):
     elif checkpoints(cfg.out_dir):
         raise TrainError(f"{cfg.out_dir} already holds a run; use --init_from=resume or another --out_dir")
 
-    # data
+    # -------- device and distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    master = rank == 0
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+    # -------- model: the same initial weights on every rank
+    torch.manual_seed(cfg.seed)
+    model, cpt = init_model(cfg, ck)
+    N = model.num_params()
+
+    # -------- data: a mixture of domains; a CPT run also evaluates its base model's domain (forgetting)
     weights = data_mod.parse_mixture(cfg.data)
-    if ddp_rank == 0:
-        if any(d in data_mod.BUILTIN for d in weights):
-            data_mod.ensure_builtin(cfg.data_dir)
+    if master and any(d in data_mod.BUILTIN for d in weights):
+        data_mod.ensure_builtin(cfg.data_dir)
     if world > 1:
         torch.distributed.barrier()
-    schedule = data_mod.parse_seq_len_schedule(cfg.seq_len_schedule)
-
-    def open_domain(name):
-        path = name if os.path.isdir(name) else os.path.join(cfg.data_dir, name)
-        return data_mod.Dataset(path)
-
-    # model: from scratch, from a run (CPT), from Hugging Face, or the checkpoint being resumed
-    cpt, base = None, None
-    if resume:
-        model = GPT(GPTConfig(**ck["model_config"]))
-        model.load_state_dict(ck["model"])
-        cpt = ck["cpt"]
-    elif cfg.init_from == "scratch":
-        over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "param", "d_base", "L_base") if getattr(cfg, k)}
-        if cfg.dropout >= 0:
-            over["dropout"] = cfg.dropout
-        model = GPT(get_preset(cfg.model, **over))
-    elif cfg.init_from.startswith("hf:"):
-        model = GPT.from_pretrained(cfg.init_from[3:])
-        cpt = {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": None, "base_ptpp": None}
-    else:
-        if os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out_dir):
-            raise TrainError("--init_from and --out_dir are the same run; CPT writes a new run directory")
-        if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-            raise TrainError(f"--init_from={cfg.init_from} is neither scratch, resume, hf:<name> nor a run directory")
-        bck = load_checkpoint(cfg.init_from)
-        model = GPT(GPTConfig(**bck["model_config"]))
-        model.load_state_dict(bck["model"])
-        base = json.load(open(os.path.join(cfg.init_from, "config.json")))
-        # all tokens behind the model: this run's, plus its own base model's when it was itself a CPT run
-        base_tokens = bck["tokens"] + ((base.get("cpt") or {}).get("base_D") or 0)
-        cpt = {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": base_tokens,
-               "base_ptpp": base_tokens / model.num_params()}
-    if cpt is not None and not resume:
-        base_domains = list(data_mod.parse_mixture(base["data"])) if base else []
+    seq_lens = data_mod.parse_seq_len_schedule(cfg.seq_len_schedule)
+    if cpt is not None and ck is None:
+        base_data = cpt.pop("base_data")
+        base_domains = list(data_mod.parse_mixture(base_data)) if base_data else []
         targets = [d for d in weights if d not in base_domains]
         cpt.update(base_domain=base_domains[0] if base_domains else None, target_domain=targets[0] if targets else None,
                    replay=sum(w for d, w in weights.items() if d in base_domains))
     eval_names = list(dict.fromkeys(list(weights) + ([cpt["base_domain"]] if cpt and cpt.get("base_domain") else [])))
-    domains = {d: open_domain(d) for d in eval_names}
-    for d, ds in domains.items():
+    domains = {d: data_mod.Dataset(d if os.path.isdir(d) else os.path.join(cfg.data_dir, d)) for d in eval_names}
+    for ds in domains.values():
         if ds.vocab_size > model.config.vocab_size:
             raise TrainError(f"dataset {ds.path} has vocabulary {ds.vocab_size} but the model has "
                              f"{model.config.vocab_size}: the checkpoint and the data do not match")
 
-    # budget
-    N = model.num_params()
-    set_budget = [k for k in ("max_iters", "tokens", "tpp") if getattr(cfg, k)]
-    if len(set_budget) > 1 and "tokens" in set_budget and "tokens" not in given:
-        cfg.tokens, set_budget = 0, [k for k in set_budget if k != "tokens"]
-    if len(set_budget) != 1:
-        raise TrainError(f"give exactly one budget of --max_iters, --tokens, --tpp (got {set_budget or 'none'})")
-    D = cfg.max_iters * cfg.batch_tokens if cfg.max_iters else int(cfg.tokens or cfg.tpp * N)
-    T = max(1, math.ceil(D / cfg.batch_tokens))
-    D = T * cfg.batch_tokens
+    # -------- budget: D tokens in `steps` optimizer steps of B = batch_tokens tokens
+    budgets = [k for k in ("max_iters", "tokens", "tpp") if getattr(cfg, k)]
+    if len(budgets) > 1 and "tokens" in budgets and "tokens" not in given:
+        cfg.tokens, budgets = 0, [k for k in budgets if k != "tokens"]  # --max_iters or --tpp replace the default
+    if len(budgets) != 1:
+        raise TrainError(f"give exactly one budget of --max_iters, --tokens, --tpp (got {budgets or 'none'})")
+    B = cfg.batch_tokens
+    steps = cfg.max_iters or max(1, math.ceil(int(cfg.tokens or cfg.tpp * N) / B))
+    D = steps * B
+    micro = cfg.micro_batch_tokens or B // world
+    for T, _ in seq_lens:
+        if micro % T or (B // T) % world or (B // T // world) % (micro // T):
+            raise TrainError(f"batch_tokens={B} does not split into {world} rank(s) × micro-batches "
+                             f"of micro_batch_tokens={micro} at sequence length {T}")
+    batches = data_mod.Batches({d: domains[d] for d in weights}, weights, B, seq_lens, D, cfg.seed)
+
+    # -------- AdamW timescale τ = B/(η·λ·D) (Power Lines, arXiv 2505.13738): a requested τ holds for every
+    # decayed group; λ = B/(η·τ·D) at the base LR, and the hidden matrices, at η/m_N, get λ·m_N (mup.py)
     if cfg.tau:
-        # a requested AdamW timescale τ holds for every decayed group: λ = B/(η·τ·D) at the base LR, and the hidden
-        # matrices, at η/m_N, get λ·m_N (mup.Parameterisation.weight_decay), so one --tau gives one τ at every width
         if cfg.tau == "opt" and cpt is not None:
             raise TrainError("--tau=opt is Power Lines' law for pre-training from scratch (τ_opt of the run's TPP); "
                              "for continual pre-training give --tau a number")
@@ -290,70 +273,39 @@ def build(cfg, given, ddp_rank, world):
             tau = None
         if tau is None or not math.isfinite(tau) or tau <= 0:
             raise TrainError(f"--tau={cfg.tau} must be a positive number or 'opt'")
-        cfg.weight_decay = mup.weight_decay_for_tau(tau, cfg.lr, cfg.batch_tokens, D)
-    batches = data_mod.Batches({d: domains[d] for d in weights}, weights, cfg.batch_tokens, schedule, D, cfg.seed)
-    micro = cfg.micro_batch_tokens or cfg.batch_tokens // world
-    for Tseq, _ in schedule:
-        if micro % Tseq or (cfg.batch_tokens // Tseq) % world or (cfg.batch_tokens // Tseq // world) % (micro // Tseq):
-            raise TrainError(f"batch_tokens={cfg.batch_tokens} does not split into {world} rank(s) × micro-batches "
-                             f"of micro_batch_tokens={micro} at sequence length {Tseq}")
-    return dict(model=model, ck=ck, cpt=cpt, domains=domains, batches=batches, N=N, D=D, T=T,
-                schedule=schedule, micro=micro)
+        cfg.weight_decay = mup.weight_decay_for_tau(tau, cfg.lr, B, D)
 
-
-def main(argv):
-    cfg, given = parse_args(argv)
-    # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise TrainError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.schedule not in mup.SCHEDULES:
-        raise TrainError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(mup.SCHEDULES)}")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    b = build(cfg, given, rank, world)
-    model, batches, N, D, T = b["model"], b["batches"], b["N"], b["D"], b["T"]
+    # -------- optimizer: AdamW over mup.py's parameter groups, each with its own LR, λ and ε
     model.to(device)
     torch.manual_seed(cfg.seed + rank)
     optimizer = model.configure_optimizers(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                            width_scaled_wd=bool(cfg.tau))
     # τ of every group at its peak LR; the run's τ is the hidden matrices' (almost all parameters, the papers' τ)
-    taus = mup.group_taus(optimizer.param_groups, cfg.batch_tokens, D)
-    tau = taus.get("hidden")
+    taus = mup.group_taus(optimizer.param_groups, B, D)
     step = 0
-    if b["ck"] is not None:
-        optimizer.load_state_dict(b["ck"]["optimizer"])
-        step = b["ck"]["step"]
-        torch.set_rng_state(b["ck"]["rng"])
+    if ck is not None:
+        optimizer.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+        torch.set_rng_state(ck["rng"])
     raw = model
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    peak = cfg.peak_flops or peak_flops_for(device, cfg.dtype)
-    eval_T = b["schedule"][0][0]
+
+    # -------- the run directory: config.json, log.jsonl, the collapse monitor
     # seed 0 for every run: runs of different seeds are scored on the same validation text
-    val = {d: data_mod.val_batches(ds, eval_T, cfg.eval_batches, max(1, b["micro"] // eval_T), seed=0)
-           for d, ds in b["domains"].items()}
-    run_info = dict(dataclasses.asdict(cfg), N=N, D=D, TPP=D / N, B=cfg.batch_tokens, T=T, tau=tau, tau_groups=taus,
-                    lr_groups={g["name"]: g["lr"] for g in optimizer.param_groups},
+    eval_T = seq_lens[0][0]
+    val = {d: data_mod.val_batches(ds, eval_T, cfg.eval_batches, max(1, micro // eval_T), seed=0)
+           for d, ds in domains.items()}
+    run_info = dict(dataclasses.asdict(cfg), N=N, D=D, TPP=D / N, B=B, steps=steps, tau=taus.get("hidden"),
+                    tau_groups=taus, lr_groups={g["name"]: g["lr"] for g in optimizer.param_groups},
                     weight_decay_groups={g["name"]: g["weight_decay"] for g in optimizer.param_groups},
                     n_layer=raw.config.n_layer, n_embd=raw.config.n_embd, n_head=raw.config.n_head,
-                    param=raw.config.param, model_config=dataclasses.asdict(raw.config), cpt=b["cpt"],
-                    tokenizer=next(iter(b["domains"].values())).tokenizer, world_size=world, code=code_version())
+                    param=raw.config.param, model_config=dataclasses.asdict(raw.config), cpt=cpt,
+                    tokenizer=next(iter(domains.values())).tokenizer, world_size=world, code=code_version())
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    monitor = None
-    if cfg.collapse_ref:
-        from collapse import CollapseMonitor
-        monitor = CollapseMonitor(cfg.collapse_ref)
+    monitor = CollapseMonitor(cfg.collapse_ref) if cfg.collapse_ref and master else None
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), run_info)
@@ -364,12 +316,11 @@ def main(argv):
             f.write("".join(line + "\n" for line in kept))
         os.replace(log_path + ".tmp", log_path)
         if monitor:  # replay the history so the monitor's fit of this run's scale is the same as without a break
-            for line in kept:
-                r = json.loads(line)
+            for r in map(json.loads, kept):
                 if "loss" in r:
                     monitor.update(r["tokens"] / D, r["loss"])
-        print(f"{cfg.out_dir}: N={N:,} non-embedding params, D={D:,} tokens ({D / N:.1f} TPP), {T} steps of "
-              f"{cfg.batch_tokens:,} tokens, η={cfg.lr:g}, λ={cfg.weight_decay:.4g}, τ(hidden)={tau or math.inf:.4g}, "
+        print(f"{cfg.out_dir}: N={N:,} non-embedding params, D={D:,} tokens ({D / N:.1f} TPP), {steps} steps of "
+              f"{B:,} tokens, η={cfg.lr:g}, λ={cfg.weight_decay:.4g}, τ(hidden)={taus.get('hidden') or math.inf:.4g}, "
               f"{raw.config.param}, {device} {cfg.dtype}" + (f", world {world}" if world > 1 else ""))
 
     def log(rec):
@@ -393,36 +344,39 @@ def main(argv):
     def checkpoint():
         if master:
             save_checkpoint(cfg.out_dir, dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                              tokens=step * cfg.batch_tokens, config=dataclasses.asdict(cfg),
-                                              model_config=dataclasses.asdict(raw.config), cpt=b["cpt"],
+                                              tokens=step * B, config=dataclasses.asdict(cfg),
+                                              model_config=dataclasses.asdict(raw.config), cpt=cpt,
                                               rng=torch.get_rng_state()), cfg.keep_last)
 
+    # -------- the loop: one optimizer step of B tokens at a time, in micro-batches of `micro` tokens per rank
     if step == 0:
         v = evaluate()
         log({"step": 0, "tokens": 0, "val": v})
         if master:
             print("before training: " + ", ".join(f"val {d} {l:.4f}" for d, l in v.items()))
-    from tqdm import tqdm
-    bar = tqdm(total=T, initial=step, disable=not master, dynamic_ncols=True)
+    # a progress bar on a terminal; in a log file (stderr not a terminal) one line per log interval instead
+    bar = tqdm(total=steps, initial=step, dynamic_ncols=True) if master and sys.stderr.isatty() else None
+    say = bar.write if bar else (print if master else (lambda *a: None))
+    peak = cfg.peak_flops or peak_flops_for(device, cfg.dtype)
     t0, tok_since = time.time(), 0
-    while step < T:
-        f = mup.lr_factor(step, T, cfg.schedule, cfg.warmup, cfg.final_lr_frac, cfg.wsd_decay)
+    while step < steps:
+        lr_factor = mup.lr_factor(step, steps, cfg.schedule, cfg.warmup, cfg.final_lr_frac, cfg.wsd_decay)
         for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * g["lr_mult"] * f
-        x, y, Tseq = batches.get(step, rank, world)
-        n_micro = x.size(0) // (b["micro"] // Tseq)
+            g["lr"] = cfg.lr * g["lr_mult"] * lr_factor
+        x, y, T = batches.get(step, rank, world)
+        n_micro = x.size(0) // (micro // T)
         loss_sum = torch.zeros((), device=device)
         for i, (xm, ym) in enumerate(zip(x.chunk(n_micro), y.chunk(n_micro))):
+            # DDP averages gradients across ranks on the last micro-batch's backward only
             sync = i == n_micro - 1
-            ctx = model.no_sync() if world > 1 and not sync else torch.enable_grad()
-            with ctx:
+            with model.no_sync() if world > 1 and not sync else contextlib.nullcontext():
                 with autocast:
                     _, loss = model(xm.to(device), ym.to(device))
                 (loss / n_micro).backward()
             loss_sum += loss.detach() / n_micro
         if world > 1:
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-        gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         lossf = loss_sum.item()
         if not math.isfinite(lossf):
             raise TrainError(f"the loss became {lossf} at step {step}; the last good checkpoint in {cfg.out_dir} "
@@ -430,35 +384,41 @@ def main(argv):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tok_since += cfg.batch_tokens
-        bar.update(1)
-        if step % cfg.log_interval == 0 or step == T:
-            dt = time.time() - t0
-            tps = tok_since / dt
-            rec = {"step": step, "tokens": step * cfg.batch_tokens, "lr": cfg.lr * f, "loss": lossf, "seq_len": Tseq,
-                   "grad_norm": gn.item(), "tok_per_s": tps, "mfu": raw.estimate_mfu(tps / world, Tseq, peak)}
-            if monitor and master:
+        tok_since += B
+        if bar:
+            bar.update(1)
+        if step % cfg.log_interval == 0 or step == steps:
+            tok_per_s = tok_since / (time.time() - t0)
+            # MFU per device: the world's tokens/s shared by its devices, against one device's peak
+            rec = {"step": step, "tokens": step * B, "lr": cfg.lr * lr_factor, "loss": lossf, "seq_len": T,
+                   "grad_norm": grad_norm.item(), "tok_per_s": tok_per_s,
+                   "mfu": raw.estimate_mfu(tok_per_s / world, T, peak)}
+            if monitor:
                 m = monitor.update(rec["tokens"] / D, lossf)
                 rec["collapse_residual"] = m["smoothed"]
                 if m["alert"]:
-                    bar.write(f"collapse monitor: {m['warning']}")
+                    say(f"collapse monitor: {m['warning']}")
             log(rec)
-            bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{tps:,.0f}")
+            if bar:
+                bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{tok_per_s:,.0f}")
+            else:
+                say(f"step {step}/{steps}: loss {lossf:.4f}, {tok_per_s:,.0f} tok/s, lr {cfg.lr * lr_factor:.3g}")
             t0, tok_since = time.time(), 0
-        if step % cfg.eval_interval == 0 or step == T:
+        if step % cfg.eval_interval == 0 or step == steps:
             v = evaluate()
-            log({"step": step, "tokens": step * cfg.batch_tokens, "val": v})
-            bar.write(f"step {step}: " + ", ".join(f"val {d} {l:.4f}" for d, l in v.items()))
-        if step % cfg.eval_interval == 0 or step == T or step == cfg.stop_at:
+            log({"step": step, "tokens": step * B, "val": v})
+            say(f"step {step}: " + ", ".join(f"val {d} {l:.4f}" for d, l in v.items()))
+        if step % cfg.eval_interval == 0 or step == steps or step == cfg.stop_at:
             checkpoint()
             t0, tok_since = time.time(), 0
         if step == cfg.stop_at:
-            bar.close()
-            if master:
-                print(f"stopped at step {step} (--stop_at); continue with --init_from=resume --out_dir={cfg.out_dir}")
-            return
-    bar.close()
-    if master and cfg.sample_tokens:
+            break
+    if bar:
+        bar.close()
+    if step == cfg.stop_at and step < steps:
+        if master:
+            print(f"stopped at step {step} (--stop_at); continue with --init_from=resume --out_dir={cfg.out_dir}")
+    elif master and cfg.sample_tokens:
         enc = data_mod.get_encoding(run_info["tokenizer"])
         start = torch.tensor([[enc.eot_token]], device=device)
         g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -472,6 +432,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (TrainError, ModelError, data_mod.DataError, CollapseError) as e:
+    except (TrainError, ConfigError, ModelError, data_mod.DataError, CollapseError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

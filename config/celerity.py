@@ -14,6 +14,7 @@ _N = 12 * n_layer * n_embd ** 2                      # ≈ non-embedding paramet
 _T = 256
 batch_tokens = max(2, round(batch_opt(tpp * _N, in_tokens=True) / _T)) * _T   # B_opt in tokens, whole sequences
 seq_len_schedule = str(_T)
+lr = 1.2e-2                                          # BTLM's µP base LR (the CPU default's 3e-3 is tuned for it alone)
 schedule = "d2z"
 warmup = 0.1
 # τ as Celerity trained (Bergsma et al. 2025, §5: 0.175 at 20 TPP, 0.087 at 80, ≈0.05 at 234), not Power Lines'

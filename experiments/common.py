@@ -30,12 +30,12 @@ def read_run(run_dir):
 
 
 def finished(run_dir):
-    """A run is finished when its log ends with the eval line of its last step T."""
+    """A run is finished when its log ends with the eval line of its last step (config.json's steps; T in older runs)."""
     try:
         cfg, _, evals = read_run(run_dir)
     except (OSError, ValueError):
         return False
-    return bool(evals) and evals[-1]["step"] == cfg["T"] and bool(train.checkpoints(run_dir))
+    return bool(evals) and evals[-1]["step"] == cfg.get("steps", cfg.get("T")) and bool(train.checkpoints(run_dir))
 
 
 def train_run(name, quiet=True, patch=None, **flags):
