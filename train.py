@@ -354,20 +354,22 @@ def clip_grads(params, max_norm):
 # the memory plan: per-GPU bytes of a run before launching it (--memory_plan=GxMEM)
 
 def memory_plan(config, strategy, G, micro_tokens, dtype, activation_checkpointing):
-    """Bytes per GPU of a training step, by term. P parameters (tied embedding once), L blocks of P_b, the root
-    (embedding, final LN) P_r = P − L·P_b, width d, SwiGLU width f, vocabulary V, n tokens per micro-batch per GPU,
-    s bytes per activation element (2 in bf16, 4 in fp32).
+    """Bytes per GPU of a training step, by term: an upper bound of the peak. P parameters (the tied embedding once),
+    L blocks of P_b each, the root (embedding, final LN) P_r = P − L·P_b, width d, SwiGLU width f, vocabulary V,
+    n tokens per micro-batch per GPU, s bytes per activation element (2 in bf16, 4 in fp32).
       fp32 weights 4P, gradients 4P, AdamW moments 8P: divided by G under FSDP (ZeRO-3), whole on every GPU under DDP
+        (whose gradients are views into its all-reduce buckets, so they are held once)
       in flight: FSDP all-gathers the root (kept from forward to backward) and two blocks (one computing, one
-        prefetched) in the compute dtype, and one block's or the root's unsharded fp32 gradient before its
-        reduce-scatter: s·P_r + 2·s·P_b + 4·max(P_b, P_r); DDP under bf16 autocast keeps bf16 copies of the
-        weights for backward: 2P
-      activations saved for backward, per token and block: s·(9d + 4f): the two LayerNorm inputs and outputs, q, k, v,
-        the attention output and its contiguous copy, the SwiGLU's two projections, silu(gate) and their product
-        (flash/flex attention keeps no T×T scores); per token at the head: s·4d + V·(s + 8) (logits, their fp32
-        copy and log-softmax; s + 4 in fp32), plus one block's worth as backward's working space.
-        With activation checkpointing each block keeps only its input (s·d) and one block is recomputed at a time.
-    Checked against the measured peak of small models on CPU in test_all.py (test_memory_plan_matches_measured_peak)."""
+        prefetched) in the compute dtype, and holds one block's or the root's unsharded fp32 gradient before its
+        reduce-scatter: s·P_r + 2·s·P_b + 4·max(P_b, P_r); DDP under bf16 autocast keeps bf16 copies of the weights
+        for backward: 2P
+      activations saved for backward, per token and block s·(8d + 4f): the LayerNorms' inputs and outputs (4d), q, k
+        and v (3d), the attention output (d), the SwiGLU's two projections, silu(gate) and their product (4f); flash
+        and flex attention keep no T×T scores. Per token at the head s·4d + V·(s + 8) in bf16 (logits, their fp32
+        copy, log-softmax), V·8 in fp32. With activation checkpointing each block keeps its input (s·d) and one
+        block is recomputed at a time. Under DDP's bf16 autocast the residual stream and LayerNorms stay fp32, so
+        activations are up to 2x this count there; under FSDP's MixedPrecisionPolicy they are bf16 as counted.
+    Measured against the peak RSS of small fp32 models on CPU (test_memory_plan_bounds_the_measured_peak)."""
     with torch.device("meta"):
         model = GPT(config)
     P, P_b = model.num_params(non_embedding=False), sum(p.numel() for p in model.transformer.h[0].parameters())
@@ -381,12 +383,9 @@ def memory_plan(config, strategy, G, micro_tokens, dtype, activation_checkpointi
     else:
         out["in_flight"] = 2 * P if dtype == "bfloat16" else 0
     n = micro_tokens
-    block = s * (9 * d + 4 * f)
-    head = s * 4 * d + V * (s + (8 if s == 2 else 4))
-    if activation_checkpointing:
-        out["activations"] = n * (L * s * d + 2 * block + head)
-    else:
-        out["activations"] = n * ((L + 1) * block + head)
+    block = s * (8 * d + 4 * f)
+    head = s * 4 * d + V * (s + 8 if s == 2 else 8)
+    out["activations"] = n * ((L * s * d + block if activation_checkpointing else L * block) + head)
     out["total"] = sum(out.values())
     return out
 
