@@ -988,6 +988,67 @@ def test_hf_stream_matches_local_jsonl(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "none")
 
 
+def _slimpajama_files(folder, n_files, fmt, n_docs=60):
+    """n_docs documents of SlimPajama's schema (text, meta.redpajama_set_name) in n_files .jsonl or .parquet files."""
+    docs = [{"text": f"Document {i}: " + "words " * (i % 7 + 1),
+             "meta": {"redpajama_set_name": ["RedPajamaC4", "RedPajamaGithub", "RedPajamaBook"][i % 3]}}
+            for i in range(n_docs)]
+    os.makedirs(folder)
+    per = -(-n_docs // n_files)
+    for k in range(n_files):
+        part = docs[k * per:(k + 1) * per]
+        path = os.path.join(folder, f"chunk_{k:02d}.{fmt}")
+        if fmt == "jsonl":
+            with open(path, "w") as f:
+                f.writelines(json.dumps(d) + "\n" for d in part)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.Table.from_pylist(part), path)
+    return [d["text"] for d in docs]
+
+
+def test_hf_stream_with_the_datasets_package_splits_and_resumes(tmp_path):
+    pytest.importorskip("datasets")  # optional: .ci/run installs it
+    for fmt in ("jsonl", "parquet"):
+        folder = str(tmp_path / fmt)
+        texts = _slimpajama_files(folder, 4, fmt)
+        # one reader: every document once, in file order, through the same load_dataset call as the Hub
+        assert list(data.iter_hf(folder)) == texts
+        # 2 ranks × 2 dataloader workers = 4 readers (whole files each), and 3 readers (every 3rd document):
+        # together every document exactly once
+        for readers in (4, 3):
+            parts = [list(data.iter_hf(folder, reader=r, readers=readers)) for r in range(readers)]
+            assert sorted(t for p in parts for t in p) == sorted(texts) and all(parts), (fmt, readers)
+        # resume: a new stream given the state after 4 documents continues with the 5th, also inside a split
+        for reader, readers in ((0, 1), (1, 4), (2, 3)):
+            whole = list(data.HFStream(folder, reader=reader, readers=readers))
+            stream = data.HFStream(folder, reader=reader, readers=readers)
+            it = iter(stream)
+            head = [next(it) for _ in range(4)]
+            state = stream.state_dict()
+            resumed = data.HFStream(folder, reader=reader, readers=readers)
+            resumed.load_state_dict(state)
+            assert head + list(resumed) == whole, (fmt, reader, readers)
+    # prepare(hf:<one file>) tokenises exactly what prepare(<the file>) does
+    single = str(tmp_path / "one.jsonl")
+    with open(single, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in SLIMPAJAMA)
+    shards = [json.load(open(os.path.join(p, "meta.json")))["shards"] for p in (
+        prepare(f"hf:{single}", str(tmp_path / "hf1"), val_fraction=0.1), prepare(single, str(tmp_path / "l1"), val_fraction=0.1))]
+    assert shards[0] == shards[1]
+    # a corpus prepared in 2 parts (two machines) and merged holds every document and token of a whole preparation
+    whole = Dataset(prepare(f"hf:{tmp_path / 'parquet'}", str(tmp_path / "whole"), val_fraction=0.1))
+    parts = [prepare(f"hf:{tmp_path / 'parquet'}", str(tmp_path / f"p{i}"), val_fraction=0.1, reader=i, readers=2)
+             for i in range(2)]
+    merged = Dataset(data.merge(parts, str(tmp_path / "merged")))
+    assert sum(merged.meta["documents"].values()) == sum(whole.meta["documents"].values()) == 60
+    assert sum(merged.meta["tokens"].values()) == sum(whole.meta["tokens"].values())
+    assert not any(os.path.exists(p) for p in parts) and Dataset(str(tmp_path / "merged"), verify=True)
+    with pytest.raises(DataError, match="only hf: sources are prepared in parts"):
+        prepare(single, str(tmp_path / "x"), reader=0, readers=2)
+
+
 def test_batches_exact_mixture_deterministic_and_distributed(tmp_path):
     a = _small_dataset(tmp_path, "a", "abcdefghijklm")
     b = _small_dataset(tmp_path, "b", "nopqrstuvwxyz")
