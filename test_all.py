@@ -824,6 +824,42 @@ def test_memory_plan_bounds_the_measured_peak(tmp_path):
     assert results[0]["measured"] < 0.7 * results[1]["measured"]
 
 
+def test_fsdp_crash_mid_save_leaves_no_checkpoint_that_looks_complete(corpora, tmp_path, monkeypatch):
+    # one FSDP rank in this process (the environment torchrun would set), and a save that dies half-way through
+    import socket
+    import torch.distributed.checkpoint as dcp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    real_save, calls = dcp.save, []
+
+    def dying_save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:  # the step-10 save: some shards written, then the node is lost
+            real_save({"model": state["model"]}, checkpoint_id=checkpoint_id)
+            raise RuntimeError("node lost")
+        return real_save(state, checkpoint_id=checkpoint_id)
+    monkeypatch.setattr(dcp, "save", dying_save)
+    out = tmp_path / "crash"
+    try:
+        with pytest.raises(RuntimeError, match="node lost"):
+            train(corpora, out, "--max_iters=10", "--strategy=fsdp")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert sorted(os.listdir(out)) == ["ckpt_0000005", "ckpt_0000010.tmp", "config.json", "log.jsonl"]
+    assert os.path.isfile(out / "ckpt_0000010.tmp" / ".metadata")  # DCP's own marker is there, meta.pt is not
+    assert [os.path.basename(p) for p in train_mod.checkpoints(str(out))] == ["ckpt_0000005"]
+    monkeypatch.setattr(dcp, "save", real_save)
+    resumed = train(corpora, out, "--init_from=resume")  # from step 5; the half save is replaced
+    full = train(corpora, tmp_path / "one", "--max_iters=10")
+    assert max(abs(a - b) for a, b in zip(losses(str(out)), losses(str(tmp_path / "one")))) < 1e-5
+    assert len(losses(str(out))) == 10 and sorted(os.listdir(out))[:2] == ["ckpt_0000005", "ckpt_0000010"]
+    assert not torch.distributed.is_initialized() and resumed and full
+
+
 def test_fsdp_bad_input_is_one_sentence(corpora, tmp_path):
     train(corpora, tmp_path / "ddp", "--max_iters=2")
     cases = [(["--strategy=fsdp"], "--strategy=fsdp shards the model over processes started by torchrun"),
