@@ -447,7 +447,7 @@ def main(argv):
             if k not in given or k not in RESUME_KEYS:
                 setattr(cfg, k, v)
         cfg.init_from = "resume"
-    elif checkpoints(cfg.out_dir):
+    elif checkpoints(cfg.out_dir) and not cfg.memory_plan:
         raise TrainError(f"{cfg.out_dir} already holds a run; use --init_from=resume or another --out_dir")
     if cfg.memory_plan:  # a dry run: nothing is built, no process group is needed
         print(memory_plan_text(cfg))
