@@ -263,32 +263,40 @@ def _encode(texts, tokenizer):
     return arrays, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
-def _chunks(docs, chunk_chars=1 << 18):
-    chunk, size = [], 0
+CHUNK_CHARS = 1 << 18      # characters of text per tokenisation task
+PROGRESS_SECONDS = 60      # an interrupted hf: preparation loses at most about this much work
+
+
+def _chunks(docs, chunk_chars=None, state=None):
+    """(documents, stream state after the last of them) in chunks of about chunk_chars characters; state() is the
+    stream's state_dict (None for sources that cannot resume)."""
+    chunk, size, chunk_chars = [], 0, chunk_chars or CHUNK_CHARS
     for text in filter(None, docs):  # empty documents add nothing, not even <|endoftext|>
         chunk.append(text)
         size += len(text)
         if size >= chunk_chars:
-            yield chunk
+            yield chunk, state() if state else None
             chunk, size = [], 0
     if chunk:
-        yield chunk
+        yield chunk, state() if state else None
 
 
-def _tokenize(docs, tokenizer, workers):
-    """(token arrays, UTF-8 bytes) per chunk of documents, in stream order. At most two chunks per worker are
-    in flight, so a stream of billions of documents never piles up in memory."""
+def _tokenize(docs, tokenizer, workers, state=None):
+    """(token arrays, UTF-8 bytes, stream state after the chunk) per chunk of documents, in stream order. At most
+    two chunks per worker are in flight, so a stream of billions of documents never piles up in memory."""
     if workers == 1:
-        yield from (_encode(chunk, tokenizer) for chunk in _chunks(docs))
+        yield from ((*_encode(chunk, tokenizer), st) for chunk, st in _chunks(docs, state=state))
         return
     with multiprocessing.Pool(workers) as pool:
         pending = deque()
-        for chunk in _chunks(docs):
-            pending.append(pool.apply_async(_encode, (chunk, tokenizer)))
+        for chunk, st in _chunks(docs, state=state):
+            pending.append((pool.apply_async(_encode, (chunk, tokenizer)), st))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                job, st = pending.popleft()
+                yield (*job.get(), st)
         while pending:
-            yield pending.popleft().get()
+            job, st = pending.popleft()
+            yield (*job.get(), st)
 
 
 class _ShardWriter:
@@ -314,6 +322,25 @@ class _ShardWriter:
             if self.n == self.shard_tokens:
                 self.close()
 
+    def snapshot(self):
+        """What resume() needs: closed shards, the open shard's name and length, the counts."""
+        if self.f is not None:
+            self.f.flush()
+        return dict(shards=list(self.shards), file=self.file if self.f is not None else None,
+                    n=self.n if self.f is not None else 0, tokens=self.tokens, documents=self.documents)
+
+    def resume(self, snap):
+        """Back to a snapshot: the open shard cut to its recorded length and re-hashed, then appended to."""
+        self.shards, self.tokens, self.documents = list(snap["shards"]), snap["tokens"], snap["documents"]
+        if snap["file"]:
+            self.file, self.n, self.sha = snap["file"], snap["n"], hashlib.sha256()
+            path = os.path.join(self.folder, self.file)
+            with open(path, "r+b") as f:
+                f.truncate(self.n * self.dtype.itemsize)
+                while block := f.read(1 << 24):
+                    self.sha.update(block)
+            self.f = open(path, "ab")
+
     def close(self):
         if self.f is not None:
             self.f.close()
@@ -338,15 +365,41 @@ def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overw
     enc = get_encoding(tokenizer)
     dtype = np.dtype("<u2") if enc.n_vocab <= 1 << 16 else np.dtype("<u4")
     stats = {"replaced": 0}
-    docs = iter_documents(source, stats, reader, readers)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # An hf: stream (days of work for SlimPajama) is prepared resumably: into <out>.partial/, with progress.json
+    # (the stream's state after the last chunk written, the shard writers' state) rewritten every PROGRESS_SECONDS;
+    # a later call with the same arguments continues from it. Other sources go to a fresh <out>.tmp-<pid>/.
+    args = dict(source=source, tokenizer=tokenizer, val_fraction=val_fraction, max_tokens=max_tokens,
+                shard_tokens=shard_tokens, min_val_tokens=min_val_tokens, reader=reader, readers=readers)
+    stream = HFStream(source[3:], reader=reader, readers=readers) if source.startswith("hf:") else None
+    resumable = stream is not None and hasattr(stream.ds, "state_dict")
+    docs = iter(stream) if stream is not None else iter_documents(source, stats)
+    tmp = f"{out}.partial" if resumable else f"{out}.tmp-{os.getpid()}"
+    progress_path = os.path.join(tmp, "progress.json")
+    progress = None
+    if resumable and os.path.isfile(progress_path):
+        with open(progress_path) as f:
+            progress = json.load(f)
+        if progress["args"] != args:
+            progress = None  # another preparation's leftovers: start anew
+    if progress is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     try:
         w = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-        n_bytes, t0 = 0, time.time()
+        n_bytes, t0, saved_at = 0, time.time(), time.time()
+        if progress is not None:
+            stream.load_state_dict(progress["state"])
+            keep = {progress["writers"][s]["file"] for s in w} | {sh["file"] for s in w
+                                                                  for sh in progress["writers"][s]["shards"]}
+            for f in os.listdir(tmp):
+                if f.endswith(".bin") and f not in keep:
+                    os.remove(os.path.join(tmp, f))  # a shard begun after the last progress record
+            for s in w:
+                w[s].resume(progress["writers"][s])
+            n_bytes, stats["replaced"] = progress["n_bytes"], progress["replaced"]
+            print(f"{out}: resuming the preparation of {source} after {n_bytes / 1e6:.1f} MB of text")
         with tqdm(desc=f"tokenizing {source}", unit="B", unit_scale=True, disable=None) as bar:
-            for arrays, size in _tokenize(docs, tokenizer, workers):
+            for arrays, size, state in _tokenize(docs, tokenizer, workers, stream.state_dict if resumable else None):
                 for tokens in arrays:
                     seen = w["train"].tokens + w["val"].tokens
                     if max_tokens:
@@ -360,6 +413,13 @@ def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overw
                 bar.update(size)
                 if max_tokens and w["train"].tokens + w["val"].tokens >= max_tokens:
                     break
+                if resumable and time.time() - saved_at >= PROGRESS_SECONDS:
+                    record = dict(args=args, state=state, writers={s: w[s].snapshot() for s in w}, n_bytes=n_bytes,
+                                  replaced=stats["replaced"])
+                    with open(progress_path + ".tmp", "w") as f:
+                        json.dump(record, f)
+                    os.replace(progress_path + ".tmp", progress_path)
+                    saved_at = time.time()
         seconds = time.time() - t0
         shards = w["train"].close() + w["val"].close()
         tokens = {s: w[s].tokens for s in w}
@@ -373,13 +433,19 @@ def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overw
                 **({"part": [reader, readers]} if readers > 1 else {})}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
+        if os.path.exists(progress_path):
+            os.remove(progress_path)
         if os.path.exists(out):  # overwrite, or refuse if another process has just finished it
             if not overwrite:
                 raise DataError(f"{out} already exists; pass --overwrite to replace it")
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for s in ("train", "val"):
+            if "w" in locals() and w[s].f is not None:
+                w[s].f.close()
+        if not (resumable and os.path.isfile(progress_path)):  # else kept, for the next call to continue
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if stats["replaced"]:
         print(f"warning: replaced {stats['replaced']} undecodable byte sequences with U+FFFD, the first in "

@@ -1085,6 +1085,41 @@ def test_hf_stream_with_the_datasets_package_splits_and_resumes(tmp_path):
         prepare(single, str(tmp_path / "x"), reader=0, readers=2)
 
 
+def test_interrupted_hf_preparation_resumes_where_the_stream_stopped(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("datasets")
+    folder = str(tmp_path / "raw")
+    _slimpajama_files(folder, 3, "parquet", n_docs=90)
+    # small chunks, shards and a progress record after every chunk, so the interruption falls mid-shard
+    monkeypatch.setattr(data, "CHUNK_CHARS", 300)
+    monkeypatch.setattr(data, "PROGRESS_SECONDS", 0)
+    kw = dict(val_fraction=0.1, shard_tokens=700, min_val_tokens=100)
+    whole = json.load(open(os.path.join(prepare(f"hf:{folder}", str(tmp_path / "whole"), **kw), "meta.json")))
+    write, calls = data._ShardWriter.write, [0]
+
+    def dying_write(self, tokens):  # the machine is lost after 40 documents have been written
+        calls[0] += 1
+        if calls[0] > 40:
+            raise KeyboardInterrupt
+        return write(self, tokens)
+    monkeypatch.setattr(data._ShardWriter, "write", dying_write)
+    out = str(tmp_path / "ds")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(f"hf:{folder}", out, **kw)
+    assert not os.path.exists(out) and os.path.isfile(out + ".partial/progress.json")
+    done = json.load(open(out + ".partial/progress.json"))["writers"]
+    assert 0 < sum(w["documents"] for w in done.values()) <= 40
+    monkeypatch.setattr(data._ShardWriter, "write", write)
+    capsys.readouterr()
+    # resumed with 2 tokenising workers (the worker count may change; the arguments that shape the data may not)
+    meta = json.load(open(os.path.join(prepare(f"hf:{folder}", out, workers=2, **kw), "meta.json")))
+    assert "resuming the preparation" in capsys.readouterr().out
+    # the resumed preparation is the uninterrupted one: same shards, byte for byte (sha256), same counts
+    assert meta["shards"] == whole["shards"] and len(meta["shards"]) > 3
+    assert (meta["tokens"], meta["documents"], meta["text_bytes"]) == (whole["tokens"], whole["documents"],
+                                                                       whole["text_bytes"])
+    assert not os.path.exists(out + ".partial") and Dataset(out, verify=True)
+
+
 def test_batches_exact_mixture_deterministic_and_distributed(tmp_path):
     a = _small_dataset(tmp_path, "a", "abcdefghijklm")
     b = _small_dataset(tmp_path, "b", "nopqrstuvwxyz")
