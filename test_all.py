@@ -824,15 +824,37 @@ def test_memory_plan_bounds_the_measured_peak(tmp_path):
     assert results[0]["measured"] < 0.7 * results[1]["measured"]
 
 
-def test_fsdp_crash_mid_save_leaves_no_checkpoint_that_looks_complete(corpora, tmp_path, monkeypatch):
-    # one FSDP rank in this process (the environment torchrun would set), and a save that dies half-way through
+@pytest.fixture
+def one_rank(monkeypatch):
+    """The environment torchrun gives a world of one process: FSDP runs in this process, quickly."""
     import socket
-    import torch.distributed.checkpoint as dcp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, v)
+    yield
+    if torch.distributed.is_initialized():  # a run that raised before its destroy_process_group
+        torch.distributed.destroy_process_group()
+
+
+def test_resume_switches_between_one_process_and_fsdp(corpora, tmp_path, one_rank):
+    # .pt (one process) → stop at 4 → resumed under FSDP (DCP) → stop at 7 → resumed in one process again (reading
+    # the DCP folder): the losses of an uninterrupted run, model and AdamW state carried across both switches
+    out = tmp_path / "switch"
+    train(corpora, out, "--max_iters=10", "--stop_at=4")
+    train(corpora, out, "--init_from=resume", "--strategy=fsdp", "--stop_at=7")
+    assert [os.path.basename(p) for p in train_mod.checkpoints(str(out))] == ["ckpt_0000005", "ckpt_0000007"]  # DCP
+    train(corpora, out, "--init_from=resume", "--strategy=auto")
+    train(corpora, tmp_path / "one", "--max_iters=10")
+    a, b = losses(str(out)), losses(str(tmp_path / "one"))
+    assert len(a) == 10 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    assert json.load(open(out / "config.json"))["strategy"] == "auto"
+
+
+def test_fsdp_crash_mid_save_leaves_no_checkpoint_that_looks_complete(corpora, tmp_path, monkeypatch, one_rank):
+    # one FSDP rank in this process, and a save that dies half-way through
+    import torch.distributed.checkpoint as dcp
     real_save, calls = dcp.save, []
 
     def dying_save(state, checkpoint_id):
@@ -843,12 +865,9 @@ def test_fsdp_crash_mid_save_leaves_no_checkpoint_that_looks_complete(corpora, t
         return real_save(state, checkpoint_id=checkpoint_id)
     monkeypatch.setattr(dcp, "save", dying_save)
     out = tmp_path / "crash"
-    try:
-        with pytest.raises(RuntimeError, match="node lost"):
-            train(corpora, out, "--max_iters=10", "--strategy=fsdp")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(corpora, out, "--max_iters=10", "--strategy=fsdp")
+    torch.distributed.destroy_process_group()
     assert sorted(os.listdir(out)) == ["ckpt_0000005", "ckpt_0000010.tmp", "config.json", "log.jsonl"]
     assert os.path.isfile(out / "ckpt_0000010.tmp" / ".metadata")  # DCP's own marker is there, meta.pt is not
     assert [os.path.basename(p) for p in train_mod.checkpoints(str(out))] == ["ckpt_0000005"]
@@ -865,7 +884,7 @@ def test_fsdp_bad_input_is_one_sentence(corpora, tmp_path):
     cases = [(["--strategy=fsdp"], "--strategy=fsdp shards the model over processes started by torchrun"),
              (["--strategy=zero3"], "unknown strategy 'zero3'; choose one of auto, ddp, fsdp"),
              (["--init_from=resume", f"--out_dir={tmp_path / 'ddp'}", "--strategy=fsdp"],
-              "was trained with --strategy=auto and resumes with it (at any world size), not with --strategy=fsdp"),
+              "--strategy=fsdp shards the model over processes started by torchrun"),
              (["--memory_plan=eight"], "--memory_plan=eight is not GPUSxGB")]
     for extra, msg in cases:
         rc, out, err = run_cli("train.py", *SMALL, f"--data_dir={corpora}", f"--out_dir={tmp_path / 'x'}",

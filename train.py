@@ -100,7 +100,7 @@ class TrainError(Exception):
 
 # keys a resumed run may change: how it runs, not what it computes
 RESUME_KEYS = {"init_from", "out_dir", "stop_at", "device", "compile", "log_interval", "sample_tokens", "collapse_ref",
-               "activation_checkpointing", "memory_plan"}
+               "activation_checkpointing", "memory_plan", "strategy"}
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 
@@ -311,6 +311,19 @@ def load_full(model, sd):
     set_model_state_dict(model, {k: v for k, v in sd.items()}, options=StateDictOptions(full_state_dict=True))
 
 
+def load_full_optimizer(model, optimizer, osd):
+    """A .pt checkpoint's optimizer state (optimizer.state_dict(): parameters numbered in param-group order) into the
+    optimizer of a sharded model: the numbers become parameter names, in the same order, since mup.param_groups
+    builds the groups alike for every strategy; set_optimizer_state_dict then keeps each rank's shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = {id(p): n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    fqn = dict(zip((i for g in osd["param_groups"] for i in g["params"]), order))
+    full = {"state": {fqn[i]: s for i, s in osd["state"].items()},
+            "param_groups": [dict(g, params=[fqn[i] for i in g["params"]]) for g in osd["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
 def rng_states(device, world):
     """Every rank's RNG states, CPU and (on CUDA) its device's, gathered so that rank 0 can save them all."""
     mine = {"cpu": torch.get_rng_state()}
@@ -437,9 +450,6 @@ def main(argv):
         ck = load_checkpoint(cfg.out_dir)
         saved = ck["config"]
         changed = {k for k in given if k not in RESUME_KEYS and given[k] != saved.get(k, Config.__dict__.get(k))}
-        if "strategy" in changed:
-            raise TrainError(f"{cfg.out_dir} was trained with --strategy={saved.get('strategy', 'auto')} and resumes "
-                             f"with it (at any world size), not with --strategy={given['strategy']}")
         if changed:
             raise TrainError(f"a resumed run keeps its settings; {', '.join(sorted(changed))} differ from "
                              f"{cfg.out_dir}/config.json (only {', '.join(sorted(RESUME_KEYS))} may change)")
@@ -556,7 +566,10 @@ def main(argv):
     step = 0
     if ck is not None:
         if "dcp" in ck:
-            load_sharded(model, optimizer, ck["dcp"])
+            load_sharded(model, optimizer, ck["dcp"])   # an FSDP run's shards, into any strategy and world size
+        elif fsdp:
+            load_full(model, ck.pop("model"))           # a one-process or DDP run continued under FSDP
+            load_full_optimizer(model, optimizer, ck.pop("optimizer"))
         else:
             model.load_state_dict(ck.pop("model"))
             optimizer.load_state_dict(ck.pop("optimizer"))
