@@ -5,6 +5,7 @@ GPU say why they are skipped. Tolerances are stated next to each assertion.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -891,16 +892,18 @@ def test_ddp_dropout_resume_restores_every_ranks_rng(corpora, tmp_path):
 
 
 def test_fsdp_bad_input_is_one_sentence(corpora, tmp_path):
-    train(corpora, tmp_path / "ddp", "--max_iters=2")
-    cases = [(["--strategy=fsdp"], "--strategy=fsdp shards the model over processes started by torchrun"),
-             (["--strategy=zero3"], "unknown strategy 'zero3'; choose one of auto, ddp, fsdp"),
-             (["--init_from=resume", f"--out_dir={tmp_path / 'ddp'}", "--strategy=fsdp"],
+    rc, out, err = run_cli("train.py", *SMALL, f"--data_dir={corpora}", f"--out_dir={tmp_path / 'x'}", "--max_iters=2",
+                           "--strategy=fsdp")
+    assert (rc, err) == (2, "error: --strategy=fsdp shards the model over processes started by torchrun "
+                            "(torchrun --nproc_per_node=G train.py ...), and this process was not\n"), err[-500:]
+    train(corpora, tmp_path / "one", "--max_iters=2")
+    cases = [(["--strategy=zero3"], "unknown strategy 'zero3'; choose one of auto, ddp, fsdp"),
+             (["--init_from=resume", f"--out_dir={tmp_path / 'one'}", "--strategy=fsdp"],
               "--strategy=fsdp shards the model over processes started by torchrun"),
-             (["--memory_plan=eight"], "--memory_plan=eight is not GPUSxGB")]
-    for extra, msg in cases:
-        rc, out, err = run_cli("train.py", *SMALL, f"--data_dir={corpora}", f"--out_dir={tmp_path / 'x'}",
-                               "--max_iters=2", *extra)
-        assert rc == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err[-500:])
+             (["--memory_plan=eight"], "--memory_plan=eight is not GPUSxGB, e.g. 8x80 for eight 80 GB GPUs")]
+    for extra, msg in cases:  # the same TrainError path as above, in this process
+        with pytest.raises(train_mod.TrainError, match=re.escape(msg)):
+            train_mod.main(SMALL + [f"--data_dir={corpora}", f"--out_dir={tmp_path / 'x'}", "--max_iters=2", *extra])
 
 
 # ----------------------------------------------------------------------------------------------------------------
