@@ -87,8 +87,7 @@ class Config:
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     dtype: str = "auto"               # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
-    strategy: str = "auto"            # auto (ddp under torchrun, else one process) | ddp | fsdp (torchrun + FSDP2:
-    #                                   parameters, gradients and AdamW state sharded over the ranks)
+    strategy: str = "auto"            # auto (ddp under torchrun, else one process) | ddp | fsdp (sharded, torchrun)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (long sequences)
     memory_plan: str = ""             # "8x80": print per-GPU memory for 8 GPUs of 80 GB under this run, then exit
     peak_flops: float = 0.0           # for MFU; 0 picks a per-device value (see peak_flops_for)
@@ -223,6 +222,14 @@ def code_version():
     return {"git": rev, "sha256": h.hexdigest()[:16]}
 
 
+def scratch_config(cfg):
+    """The preset, with the settings that override it (0 / "" / -1 keep the preset's)."""
+    over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "param", "d_base", "L_base") if getattr(cfg, k)}
+    if cfg.dropout >= 0:
+        over["dropout"] = cfg.dropout
+    return get_preset(cfg.model, **over)
+
+
 def init_model(cfg, ck):
     """(config, weights, cpt): the model to train, as its GPTConfig and where its weights come from: None (from
     scratch: initialised by the parameterisation), a full state dict (another run's .pt checkpoint, a Hugging Face
@@ -231,10 +238,7 @@ def init_model(cfg, ck):
     if ck is not None:
         return GPTConfig(**ck["model_config"]), None, ck["cpt"]
     if cfg.init_from == "scratch":
-        over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "param", "d_base", "L_base") if getattr(cfg, k)}
-        if cfg.dropout >= 0:
-            over["dropout"] = cfg.dropout
-        return get_preset(cfg.model, **over), None, None
+        return scratch_config(cfg), None, None
     if cfg.init_from.startswith("hf:"):
         model = GPT.from_pretrained(cfg.init_from[3:])
         return model.config, model.state_dict(), {"init_from": cfg.init_from, "base_N": model.num_params(),
@@ -415,8 +419,7 @@ def memory_plan_text(cfg):
         run = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
         config = GPTConfig(**json.load(open(os.path.join(run, "config.json")))["model_config"])
     else:
-        over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "param", "d_base", "L_base") if getattr(cfg, k)}
-        config = get_preset(cfg.model, **over)
+        config = scratch_config(cfg)
     strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp" if G > 1 else "single")
     dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype  # auto: the CUDA default
     micro = cfg.micro_batch_tokens or cfg.batch_tokens // G
@@ -582,8 +585,8 @@ def main(argv):
         model_mod.build_flex_masks(sorted({T for T, _ in seq_lens}), device)
     if world > 1 and not fsdp:
         # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not a second copy (4 B/param)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None,
-                                                          gradient_as_bucket_view=True)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None, gradient_as_bucket_view=True)
     if cfg.compile and not fsdp:
         # compile the DDP-wrapped model: DDP(torch.compile(model)) would fire DDP's gradient hooks only after the
         # whole compiled backward, so no all-reduce would overlap computation; compiled around DDP, dynamo splits
@@ -598,7 +601,7 @@ def main(argv):
     run_info = dict(dataclasses.asdict(cfg), N=N, D=D, TPP=D / N, B=B, steps=steps, tau=taus.get("hidden"),
                     tau_groups=taus, lr_groups={g["name"]: g["lr"] for g in optimizer.param_groups},
                     weight_decay_groups={g["name"]: g["weight_decay"] for g in optimizer.param_groups},
-                    n_layer=raw.config.n_layer, n_embd=raw.config.n_embd, n_head=raw.config.n_head, strategy=cfg.strategy,
+                    n_layer=raw.config.n_layer, n_embd=raw.config.n_embd, n_head=raw.config.n_head,
                     param=raw.config.param, model_config=dataclasses.asdict(raw.config), cpt=cpt,
                     tokenizer=next(iter(domains.values())).tokenizer, world_size=world, code=code_version())
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
