@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -185,7 +186,9 @@ def load_sharded(model, optimizer, path):
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=path)  # in place; without a process group it reads in this process alone
+    with warnings.catch_warnings():  # without a process group DCP reads in this process alone, as meant here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)  # in place
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -304,7 +307,8 @@ def init_params(model):
         full = torch.empty(p.shape, dtype=p.dtype)
         mup.init_param(model.pz, name, full)
         if isinstance(p, DTensor):
-            p.copy_(distribute_tensor(full.to(p.device), p.device_mesh, p.placements))
+            # src_data_rank=None: every rank drew the same tensor, so each cuts its own chunk with no scatter
+            p.copy_(distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None))
         else:
             p.copy_(full)
 
