@@ -142,19 +142,50 @@ def iter_local(path, stats):
     return (text for f in _mixed_order(files, path) for text in iter_file(f, stats))
 
 
-def iter_hf(name, split="train", text_field="text", load_dataset=None):
-    """Stream a Hugging Face dataset (e.g. cerebras/SlimPajama-627B) without downloading all of it."""
-    if load_dataset is None:
+class HFStream:
+    """The documents of a Hugging Face dataset, streamed (datasets.load_dataset(..., streaming=True)) without
+    downloading all of it: a Hub id such as cerebras/SlimPajama-627B, or a local folder or file of .jsonl / .parquet
+    in the same schema, read through the same code. Reader `reader` of `readers` (rank·W + worker of world·W for W
+    dataloader workers per rank) gets its part from datasets.distributed.split_dataset_by_node: whole files when the
+    file count divides by readers, else every readers-th document; either way no document is read twice or skipped
+    over all readers. state_dict() after any document, given to load_state_dict() of a new stream, continues with
+    the next document (datasets' IterableDataset state: file index and position inside it)."""
+
+    def __init__(self, name, split="train", text_field="text", reader=0, readers=1, load_dataset=None):
+        if not 0 <= reader < readers:
+            raise DataError(f"reader {reader} is not one of readers 0..{readers - 1}")
+        if load_dataset is None:
+            try:
+                from datasets import load_dataset
+            except ImportError:
+                raise DataError(f"source hf:{name} needs the optional Hugging Face package: pip install datasets") from None
+        self.name, self.text_field = name, text_field
         try:
-            from datasets import load_dataset
-        except ImportError:
-            raise DataError(f"source hf:{name} needs the optional Hugging Face package: pip install datasets") from None
-    try:
-        records = load_dataset(name, split=split, streaming=True)
-    except Exception as e:
-        first_line = str(e).split("\n")[0]
-        raise DataError(f"Hugging Face dataset {name} could not be opened ({type(e).__name__}: {first_line})") from None
-    yield from _texts(records, text_field, f"hf:{name}")
+            if os.path.isfile(name):  # one local file: its format's builder, as load_dataset does for a folder
+                kind = "parquet" if name.endswith(".parquet") else "json"
+                self.ds = load_dataset(kind, data_files=name, split=split, streaming=True)
+            else:
+                self.ds = load_dataset(name, split=split, streaming=True)
+        except Exception as e:
+            first_line = str(e).split("\n")[0]
+            raise DataError(f"Hugging Face dataset {name} could not be opened ({type(e).__name__}: {first_line})") from None
+        if readers > 1:
+            from datasets.distributed import split_dataset_by_node
+            self.ds = split_dataset_by_node(self.ds, rank=reader, world_size=readers)
+
+    def __iter__(self):
+        return _texts(self.ds, self.text_field, f"hf:{self.name}")
+
+    def state_dict(self):
+        return self.ds.state_dict()
+
+    def load_state_dict(self, state):
+        self.ds.load_state_dict(state)
+
+
+def iter_hf(name, split="train", text_field="text", load_dataset=None, reader=0, readers=1):
+    """Stream a Hugging Face dataset (e.g. cerebras/SlimPajama-627B, or a local folder of its jsonl/parquet files)."""
+    yield from HFStream(name, split, text_field, reader, readers, load_dataset)
 
 
 # The built-in corpora, real text that every Python installation carries: two distinct domains.
@@ -212,11 +243,11 @@ def iter_prose(stats):
 BUILTIN = {"stdlib": iter_stdlib, "prose": iter_prose}
 
 
-def iter_documents(source, stats):
+def iter_documents(source, stats, reader=0, readers=1):
     if source in BUILTIN:
         return BUILTIN[source](stats)
     if source.startswith("hf:"):
-        return iter_hf(source[3:])
+        return iter_hf(source[3:], reader=reader, readers=readers)
     if os.path.exists(source):
         return iter_local(source, stats)
     raise DataError(f"source {source!r} does not exist (give a file, a folder, hf:NAME or one of: "
@@ -234,32 +265,40 @@ def _encode(texts, tokenizer):
     return arrays, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
-def _chunks(docs, chunk_chars=1 << 18):
-    chunk, size = [], 0
+CHUNK_CHARS = 1 << 18      # characters of text per tokenisation task
+PROGRESS_SECONDS = 60      # an interrupted hf: preparation loses at most about this much work
+
+
+def _chunks(docs, chunk_chars=None, state=None):
+    """(documents, stream state after the last of them) in chunks of about chunk_chars characters; state() is the
+    stream's state_dict (None for sources that cannot resume)."""
+    chunk, size, chunk_chars = [], 0, chunk_chars or CHUNK_CHARS
     for text in filter(None, docs):  # empty documents add nothing, not even <|endoftext|>
         chunk.append(text)
         size += len(text)
         if size >= chunk_chars:
-            yield chunk
+            yield chunk, state() if state else None
             chunk, size = [], 0
     if chunk:
-        yield chunk
+        yield chunk, state() if state else None
 
 
-def _tokenize(docs, tokenizer, workers):
-    """(token arrays, UTF-8 bytes) per chunk of documents, in stream order. At most two chunks per worker are
-    in flight, so a stream of billions of documents never piles up in memory."""
+def _tokenize(docs, tokenizer, workers, state=None):
+    """(token arrays, UTF-8 bytes, stream state after the chunk) per chunk of documents, in stream order. At most
+    two chunks per worker are in flight, so a stream of billions of documents never piles up in memory."""
     if workers == 1:
-        yield from (_encode(chunk, tokenizer) for chunk in _chunks(docs))
+        yield from ((*_encode(chunk, tokenizer), st) for chunk, st in _chunks(docs, state=state))
         return
     with multiprocessing.Pool(workers) as pool:
         pending = deque()
-        for chunk in _chunks(docs):
-            pending.append(pool.apply_async(_encode, (chunk, tokenizer)))
+        for chunk, st in _chunks(docs, state=state):
+            pending.append((pool.apply_async(_encode, (chunk, tokenizer)), st))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                job, st = pending.popleft()
+                yield (*job.get(), st)
         while pending:
-            yield pending.popleft().get()
+            job, st = pending.popleft()
+            yield (*job.get(), st)
 
 
 class _ShardWriter:
@@ -285,6 +324,25 @@ class _ShardWriter:
             if self.n == self.shard_tokens:
                 self.close()
 
+    def snapshot(self):
+        """What resume() needs: closed shards, the open shard's name and length, the counts."""
+        if self.f is not None:
+            self.f.flush()
+        return dict(shards=list(self.shards), file=self.file if self.f is not None else None,
+                    n=self.n if self.f is not None else 0, tokens=self.tokens, documents=self.documents)
+
+    def resume(self, snap):
+        """Back to a snapshot: the open shard cut to its recorded length and re-hashed, then appended to."""
+        self.shards, self.tokens, self.documents = list(snap["shards"]), snap["tokens"], snap["documents"]
+        if snap["file"]:
+            self.file, self.n, self.sha = snap["file"], snap["n"], hashlib.sha256()
+            path = os.path.join(self.folder, self.file)
+            with open(path, "r+b") as f:
+                f.truncate(self.n * self.dtype.itemsize)
+                while block := f.read(1 << 24):
+                    self.sha.update(block)
+            self.f = open(path, "ab")
+
     def close(self):
         if self.f is not None:
             self.f.close()
@@ -294,9 +352,12 @@ class _ShardWriter:
 
 
 def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overwrite=False, max_tokens=None,
-            shard_tokens=SHARD_TOKENS, min_val_tokens=MIN_VAL_TOKENS):
+            shard_tokens=SHARD_TOKENS, min_val_tokens=MIN_VAL_TOKENS, reader=0, readers=1):
     """Tokenise source into the dataset folder out and return its path. The work goes to a temporary folder
-    renamed into place only when complete, so no half-written dataset ever looks finished."""
+    renamed into place only when complete, so no half-written dataset ever looks finished. An hf: source can be
+    prepared in `readers` parts, on as many machines (HFStream splits the stream), then joined by merge()."""
+    if readers > 1 and not source.startswith("hf:"):
+        raise DataError(f"only hf: sources are prepared in parts (readers={readers}); {source} is read whole")
     if not 0 < val_fraction < 0.5 or workers < 1 or (max_tokens is not None and max_tokens < 1):
         raise DataError(f"val_fraction={val_fraction} must lie in (0, 0.5), workers={workers} and "
                         f"max_tokens={max_tokens} must be positive")
@@ -306,15 +367,41 @@ def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overw
     enc = get_encoding(tokenizer)
     dtype = np.dtype("<u2") if enc.n_vocab <= 1 << 16 else np.dtype("<u4")
     stats = {"replaced": 0}
-    docs = iter_documents(source, stats)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # An hf: stream (days of work for SlimPajama) is prepared resumably: into <out>.partial/, with progress.json
+    # (the stream's state after the last chunk written, the shard writers' state) rewritten every PROGRESS_SECONDS;
+    # a later call with the same arguments continues from it. Other sources go to a fresh <out>.tmp-<pid>/.
+    args = dict(source=source, tokenizer=tokenizer, val_fraction=val_fraction, max_tokens=max_tokens,
+                shard_tokens=shard_tokens, min_val_tokens=min_val_tokens, reader=reader, readers=readers)
+    stream = HFStream(source[3:], reader=reader, readers=readers) if source.startswith("hf:") else None
+    resumable = stream is not None and hasattr(stream.ds, "state_dict")
+    docs = iter(stream) if stream is not None else iter_documents(source, stats)
+    tmp = f"{out}.partial" if resumable else f"{out}.tmp-{os.getpid()}"
+    progress_path = os.path.join(tmp, "progress.json")
+    progress = None
+    if resumable and os.path.isfile(progress_path):
+        with open(progress_path) as f:
+            progress = json.load(f)
+        if progress["args"] != args:
+            progress = None  # another preparation's leftovers: start anew
+    if progress is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     try:
         w = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-        n_bytes, t0 = 0, time.time()
+        n_bytes, t0, saved_at = 0, time.time(), time.time()
+        if progress is not None:
+            stream.load_state_dict(progress["state"])
+            keep = {progress["writers"][s]["file"] for s in w} | {sh["file"] for s in w
+                                                                  for sh in progress["writers"][s]["shards"]}
+            for f in os.listdir(tmp):
+                if f.endswith(".bin") and f not in keep:
+                    os.remove(os.path.join(tmp, f))  # a shard begun after the last progress record
+            for s in w:
+                w[s].resume(progress["writers"][s])
+            n_bytes, stats["replaced"] = progress["n_bytes"], progress["replaced"]
+            print(f"{out}: resuming the preparation of {source} after {n_bytes / 1e6:.1f} MB of text")
         with tqdm(desc=f"tokenizing {source}", unit="B", unit_scale=True, disable=None) as bar:
-            for arrays, size in _tokenize(docs, tokenizer, workers):
+            for arrays, size, state in _tokenize(docs, tokenizer, workers, stream.state_dict if resumable else None):
                 for tokens in arrays:
                     seen = w["train"].tokens + w["val"].tokens
                     if max_tokens:
@@ -328,6 +415,13 @@ def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overw
                 bar.update(size)
                 if max_tokens and w["train"].tokens + w["val"].tokens >= max_tokens:
                     break
+                if resumable and time.time() - saved_at >= PROGRESS_SECONDS:
+                    record = dict(args=args, state=state, writers={s: w[s].snapshot() for s in w}, n_bytes=n_bytes,
+                                  replaced=stats["replaced"])
+                    with open(progress_path + ".tmp", "w") as f:
+                        json.dump(record, f)
+                    os.replace(progress_path + ".tmp", progress_path)
+                    saved_at = time.time()
         seconds = time.time() - t0
         shards = w["train"].close() + w["val"].close()
         tokens = {s: w[s].tokens for s in w}
@@ -337,16 +431,23 @@ def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overw
             raise DataError(f"source {source} gave a single document; train and val need at least two")
         meta = {"source": source, "tokenizer": tokenizer, "vocab_size": enc.n_vocab, "eot": enc.eot_token,
                 "dtype": dtype.name, "tokens": tokens, "documents": {s: w[s].documents for s in w},
-                "text_bytes": n_bytes, "replaced": stats["replaced"], "val_fraction": val_fraction, "shards": shards}
+                "text_bytes": n_bytes, "replaced": stats["replaced"], "val_fraction": val_fraction, "shards": shards,
+                **({"part": [reader, readers]} if readers > 1 else {})}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
+        if os.path.exists(progress_path):
+            os.remove(progress_path)
         if os.path.exists(out):  # overwrite, or refuse if another process has just finished it
             if not overwrite:
                 raise DataError(f"{out} already exists; pass --overwrite to replace it")
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for s in ("train", "val"):
+            if "w" in locals() and w[s].f is not None:
+                w[s].f.close()
+        if not (resumable and os.path.isfile(progress_path)):  # else kept, for the next call to continue
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if stats["replaced"]:
         print(f"warning: replaced {stats['replaced']} undecodable byte sequences with U+FFFD, the first in "
@@ -354,6 +455,37 @@ def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overw
     print(f"{out}: {tokens['train']:,} train + {tokens['val']:,} val tokens ({tokenizer}) from "
           f"{sum(meta['documents'].values()):,} documents, {n_bytes / 1e6:.1f} MB of text at "
           f"{n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s with {workers} worker(s)")
+    return out
+
+
+def merge(parts, out):
+    """Join datasets prepared in parts (prepare(..., reader=i, readers=n)) into one dataset folder out: their shards
+    are moved (renamed, not copied) under new numbers and their counts added; the part folders are removed.
+    Like prepare, the result appears under its name only when complete."""
+    metas = [Dataset(p).meta for p in parts]  # checks every part: meta.json, shard files and sizes
+    if len({(m["tokenizer"], m["dtype"]) for m in metas}) != 1:
+        raise DataError(f"the parts {', '.join(parts)} use different tokenizers or token types")
+    if os.path.exists(out):
+        raise DataError(f"{out} already exists")
+    tmp = f"{os.path.normpath(out)}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    shards, count = [], {"train": 0, "val": 0}
+    for part, meta in zip(parts, metas):
+        for sh in meta["shards"]:
+            name = f"{sh['split']}_{count[sh['split']]:03d}.bin"
+            count[sh["split"]] += 1
+            os.replace(os.path.join(part, os.path.basename(sh["file"])), os.path.join(tmp, name))
+            shards.append(dict(sh, file=name))
+    meta = dict(metas[0], shards=shards, parts=len(parts), text_bytes=sum(m["text_bytes"] for m in metas),
+                replaced=sum(m["replaced"] for m in metas),
+                tokens={s: sum(m["tokens"][s] for m in metas) for s in ("train", "val")},
+                documents={s: sum(m["documents"][s] for m in metas) for s in ("train", "val")})
+    meta.pop("part", None)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, out)
+    for part in parts:
+        shutil.rmtree(part)
     return out
 
 

@@ -94,16 +94,27 @@ def alibi_slopes(n_head):
 _flex_cache = {}
 
 
-def flex_alibi_attention(q, k, v, slopes, scale):
-    """Causal ALiBi attention with flex_attention: the bias is a score_mod, so no (T, T) tensor exists at all.
-    Compiled on CUDA (where it trains); eager elsewhere (CPU runs its forward only, which the tests use)."""
+def _flex_entry(T, dev):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    T, dev = q.size(-2), q.device
     if (T, str(dev)) not in _flex_cache:
         mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=dev)
         fn = torch.compile(flex_attention) if dev.type == "cuda" else flex_attention
         _flex_cache[(T, str(dev))] = (mask, fn)
-    mask, fn = _flex_cache[(T, str(dev))]
+    return _flex_cache[(T, str(dev))]
+
+
+def build_flex_masks(lengths, device):
+    """Build the causal BlockMask of each sequence length now, outside any torch.compile'd graph: built lazily inside
+    one, a new length (VSL's switch) is traced into the graph and recompiles it."""
+    dev = torch.empty(0, device=device).device  # "cuda" → "cuda:0", the key flex_alibi_attention looks up
+    for T in lengths:
+        _flex_entry(T, dev)
+
+
+def flex_alibi_attention(q, k, v, slopes, scale):
+    """Causal ALiBi attention with flex_attention: the bias is a score_mod, so no (T, T) tensor exists at all.
+    Compiled on CUDA (where it trains); eager elsewhere (CPU runs its forward only, which the tests use)."""
+    mask, fn = _flex_entry(q.size(-2), q.device)
 
     def alibi(score, b, h, qi, ki):
         return score - slopes[h] * (qi - ki)

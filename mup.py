@@ -123,17 +123,23 @@ def weight_kind(name, p):
     return "hidden"
 
 
+def init_param(pz, name, p):
+    """Initialise one parameter (or a full-size tensor standing in for it) by its kind: LayerNorm gains 1, biases
+    0, matrices normal with the parameterisation's std. train.py calls it on whole parameters one at a time to fill
+    a model that FSDP has sharded (built on the meta device), so every strategy starts from the same weights."""
+    import torch
+    kind = weight_kind(name, p)
+    if kind in ("vector", "final_norm"):
+        is_gain = "ln_" in name and name.endswith(".weight")  # LayerNorm gains start at 1, biases at 0
+        torch.nn.init.ones_(p) if is_gain else torch.nn.init.zeros_(p)
+    else:
+        torch.nn.init.normal_(p, mean=0.0, std=pz.init_std(kind))
+
+
 def init_weights(model):
     """Initialise every parameter of a model.GPT according to its parameterisation (biases and LN as usual)."""
-    import torch
-    pz = model.pz
     for name, p in model.named_parameters():
-        kind = weight_kind(name, p)
-        if kind in ("vector", "final_norm"):
-            is_gain = "ln_" in name and name.endswith(".weight")  # LayerNorm gains start at 1, biases at 0
-            torch.nn.init.ones_(p) if is_gain else torch.nn.init.zeros_(p)
-        else:
-            torch.nn.init.normal_(p, mean=0.0, std=pz.init_std(kind))
+        init_param(model.pz, name, p)
 
 
 def param_groups(model, lr, weight_decay, eps=1e-8, width_scaled_wd=False):

@@ -1,8 +1,12 @@
 """
-Sample from a trained run (its last checkpoint) or a Hugging Face BTLM checkpoint.
+Sample from a trained run (its last checkpoint) or a Hugging Face BTLM checkpoint, or export a run to Hugging Face.
 
     python sample.py --run=out/tiny --start="def " --num_samples=3 --max_new_tokens=300
     python sample.py --run=hf:cerebras/btlm-3b-8k-base --start="The capital of France" --dtype=bfloat16
+    python sample.py --run=out/btlm --export=out/btlm-hf      # any run, FSDP's sharded checkpoints included
+
+A run's checkpoint is a ckpt_*.pt file or, for FSDP runs, a folder of Distributed Checkpoint shards, which is
+gathered here into one whole model in this process, whatever the number of ranks that wrote it.
 """
 import json
 import os
@@ -29,6 +33,7 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "float32"          # float32 | bfloat16
+    export: str = ""                # write the model in Hugging Face BTLM format to this folder and exit
 
 
 def load_model(run, device, dtype=torch.float32):
@@ -49,6 +54,10 @@ def main(argv):
         raise TrainError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, enc = load_model(cfg.run, device, getattr(torch, cfg.dtype))
+    if cfg.export:
+        hf.save_pretrained(model, cfg.export)
+        print(f"{cfg.export}: config.json and model.safetensors in Hugging Face BTLM format ({cfg.dtype})")
+        return
     text = cfg.start
     if text.startswith("FILE:"):
         with open(text[5:], encoding="utf-8") as f:

@@ -7,9 +7,12 @@ pre-training (CPT) of a trained run on a new domain with replay. One file, nanoG
     python train.py --init_from=out/tiny --out_dir=out/cpt --data=stdlib:0.75,prose:0.25   # CPT, 25% replay
     python train.py --init_from=resume --out_dir=out/tiny     # pick up exactly where a run stopped
     torchrun --standalone --nproc_per_node=2 train.py         # data-parallel (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node=8 train.py config/btlm_3b_8k.py --strategy=fsdp --activation_checkpointing
+    python train.py config/btlm_3b_8k.py --strategy=fsdp --memory_plan=8x80   # per-GPU memory before launch
 
 A run lives in out_dir: config.json (every setting, N, D, TPP, B, steps, η, λ, τ per group), log.jsonl (one JSON object a
-line) and the last `keep_last` checkpoints ckpt_XXXXXXX.pt, each written to a temporary name and renamed.
+line) and the last `keep_last` checkpoints: ckpt_XXXXXXX.pt (one process, DDP) or a ckpt_XXXXXXX/ folder of
+Distributed Checkpoint shards (FSDP), each written under a temporary name and renamed.
 """
 import contextlib
 import dataclasses
@@ -17,9 +20,12 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +33,7 @@ from tqdm import tqdm
 
 import data as data_mod
 import hf
+import model as model_mod
 import mup
 from collapse import CollapseError, CollapseMonitor
 from configurator import ConfigError, configure
@@ -80,8 +87,11 @@ class Config:
     # system
     seed: int = 1337
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"            # float32 | bfloat16 (autocast)
+    dtype: str = "auto"               # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
+    strategy: str = "auto"            # auto (ddp under torchrun, else one process) | ddp | fsdp (sharded, torchrun)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (long sequences)
+    memory_plan: str = ""             # "8x80": print per-GPU memory for 8 GPUs of 80 GB under this run, then exit
     peak_flops: float = 0.0           # for MFU; 0 picks a per-device value (see peak_flops_for)
 
 
@@ -90,7 +100,9 @@ class TrainError(Exception):
 
 
 # keys a resumed run may change: how it runs, not what it computes
-RESUME_KEYS = {"init_from", "out_dir", "stop_at", "device", "compile", "log_interval", "sample_tokens", "collapse_ref"}
+RESUME_KEYS = {"init_from", "out_dir", "stop_at", "device", "compile", "log_interval", "sample_tokens", "collapse_ref",
+               "activation_checkpointing", "memory_plan", "strategy"}
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def peak_flops_for(device, dtype):
@@ -106,34 +118,91 @@ def peak_flops_for(device, dtype):
 # ---------------------------------------------------------------------------------------------------------------
 # run directories: checkpoints, config.json, the code version
 
+CKPT = re.compile(r"ckpt_\d{7}(\.pt)?$")  # a file (one process, DDP) or a DCP folder (FSDP); never a .tmp
+
+
 def checkpoints(out_dir):
     if not os.path.isdir(out_dir):
         return []
-    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+    return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if CKPT.match(f))
+
+
+def _drop_old(out_dir, keep_last):
+    for old in checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
 def save_checkpoint(out_dir, state, keep_last):
     path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)          # a checkpoint that exists is complete
-    for old in checkpoints(out_dir)[:-keep_last]:
-        os.remove(old)
+    _drop_old(out_dir, keep_last)
+
+
+def save_sharded(out_dir, model, optimizer, meta, keep_last):
+    """A Distributed Checkpoint (torch.distributed.checkpoint) of an FSDP run: every rank writes its own shards of
+    the model and of the AdamW state into ckpt_XXXXXXX.tmp/, rank 0 adds meta.pt (step, settings, RNG states) and
+    renames the folder once all ranks are done, so a crash mid-save leaves only a .tmp folder, which is never read.
+    DCP records each tensor's global shape, so the checkpoint loads at any world size (resharding)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    final = os.path.join(out_dir, f"ckpt_{meta['step']:07d}")
+    master = dist.get_rank() == 0
+    if master:
+        shutil.rmtree(final + ".tmp", ignore_errors=True)  # a save that crashed before
+        os.makedirs(final + ".tmp")
+    dist.barrier()
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=final + ".tmp")                  # returns on every rank once .metadata is written
+    if master:
+        torch.save(meta, os.path.join(final + ".tmp", "meta.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(final + ".tmp", final)
+        _drop_old(out_dir, keep_last)
+    dist.barrier()
 
 
 def load_checkpoint(run_dir):
+    """The last checkpoint of a run: a .pt file memory-mapped (its tensors are read only as they are copied into the
+    model and optimizer, and freed when the caller drops them), or a DCP folder's meta.pt with "dcp" set to the
+    folder, whose shards load_sharded and model_from read."""
     ck = checkpoints(run_dir)
     if not ck:
-        raise TrainError(f"{run_dir} holds no checkpoint (ckpt_*.pt) to start from")
+        raise TrainError(f"{run_dir} holds no checkpoint (ckpt_*) to start from")
     try:
-        return torch.load(ck[-1], map_location="cpu", weights_only=False)
+        if os.path.isdir(ck[-1]):
+            return dict(torch.load(os.path.join(ck[-1], "meta.pt"), map_location="cpu", weights_only=False), dcp=ck[-1])
+        return torch.load(ck[-1], map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
         raise TrainError(f"checkpoint {ck[-1]} cannot be read ({type(e).__name__}); delete it to fall back to an older one")
 
 
+def load_sharded(model, optimizer, path):
+    """Load a DCP checkpoint into a model (FSDP-sharded or whole) and, when given, its optimizer: each rank reads the
+    pieces of the saved shards that overlap its own, whatever the world size that wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # without a process group DCP reads in this process alone, as meant here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path)  # in place
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
 def model_from(ck):
-    """The model a checkpoint holds: its config, then its weights."""
-    model = GPT(GPTConfig(**ck["model_config"]))
-    model.load_state_dict(ck["model"])
+    """The whole model a checkpoint holds (a .pt file's or a DCP folder's, gathered): its config, then its weights.
+    Built on the meta device and filled once, so the weights are held once."""
+    model = build_model(GPTConfig(**ck["model_config"]), "cpu", fsdp=False, activation_checkpointing=False)
+    if "dcp" in ck:
+        load_sharded(model, None, ck["dcp"])
+    else:
+        model.load_state_dict(ck["model"])
     return model
 
 
@@ -157,31 +226,220 @@ def code_version():
     return {"git": rev, "sha256": h.hexdigest()[:16]}
 
 
+def scratch_config(cfg):
+    """The preset, with the settings that override it (0 / "" / -1 keep the preset's)."""
+    over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "param", "d_base", "L_base") if getattr(cfg, k)}
+    if cfg.dropout >= 0:
+        over["dropout"] = cfg.dropout
+    return get_preset(cfg.model, **over)
+
+
 def init_model(cfg, ck):
-    """(model, cpt): the model to train, from the checkpoint being resumed, from scratch, from Hugging Face, or
-    from another run (CPT); cpt describes the base model of a CPT run (None when pre-training)."""
+    """(config, weights, cpt): the model to train, as its GPTConfig and where its weights come from: None (from
+    scratch: initialised by the parameterisation), a full state dict (another run's .pt checkpoint, a Hugging Face
+    model), or a DCP folder path; ck is the checkpoint being resumed (its weights are loaded with the optimizer).
+    cpt describes the base model of a CPT run (None when pre-training)."""
     if ck is not None:
-        return model_from(ck), ck["cpt"]
+        return GPTConfig(**ck["model_config"]), None, ck["cpt"]
     if cfg.init_from == "scratch":
-        over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "param", "d_base", "L_base") if getattr(cfg, k)}
-        if cfg.dropout >= 0:
-            over["dropout"] = cfg.dropout
-        return GPT(get_preset(cfg.model, **over)), None
+        return scratch_config(cfg), None, None
     if cfg.init_from.startswith("hf:"):
         model = hf.from_pretrained(cfg.init_from[3:])
-        return model, {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": None, "base_ptpp": None,
-                       "base_data": None}
+        return model.config, model.state_dict(), {"init_from": cfg.init_from, "base_N": model.num_params(),
+                                                  "base_D": None, "base_ptpp": None, "base_data": None}
     if os.path.abspath(cfg.init_from) == os.path.abspath(cfg.out_dir):
         raise TrainError("--init_from and --out_dir are the same run; CPT writes a new run directory")
     if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
         raise TrainError(f"--init_from={cfg.init_from} is neither scratch, resume, hf:<name> nor a run directory")
     base_ck = load_checkpoint(cfg.init_from)
-    model = model_from(base_ck)
+    config = GPTConfig(**base_ck["model_config"])
+    with torch.device("meta"):
+        base_N = GPT(config).num_params()
     base = json.load(open(os.path.join(cfg.init_from, "config.json")))
     # all tokens behind the model: this run's, plus its own base model's when it was itself a CPT run
     base_tokens = base_ck["tokens"] + ((base.get("cpt") or {}).get("base_D") or 0)
-    return model, {"init_from": cfg.init_from, "base_N": model.num_params(), "base_D": base_tokens,
-                   "base_ptpp": base_tokens / model.num_params(), "base_data": base["data"]}
+    return config, base_ck.get("dcp") or base_ck["model"], {
+        "init_from": cfg.init_from, "base_N": base_N, "base_D": base_tokens, "base_ptpp": base_tokens / base_N,
+        "base_data": base["data"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building the model for a strategy: meta device → activation checkpointing → FSDP2 → memory → weights
+
+def build_model(config, device, fsdp, activation_checkpointing, mp_policy=None, compile_blocks=False):
+    """The model on `device`, built on the meta device so that no rank ever holds more than its share: under FSDP2
+    (torch.distributed.fsdp.fully_shard) each block is sharded, then the root (embedding, final LayerNorm; the tied
+    lm_head is the same Parameter and stays tied), and to_empty allocates only this rank's shards. Weights are set
+    afterwards by init_params or a loader. Activation checkpointing wraps each block with PyTorch's
+    checkpoint_wrapper (non-reentrant torch.utils.checkpoint), under FSDP as torchtitan does, so a block's
+    activations are recomputed in backward and only its input is kept."""
+    with torch.device("meta"):
+        model = GPT(config)
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for i, block in enumerate(model.transformer.h):
+            model.transformer.h[i] = checkpoint_wrapper(block)
+    if compile_blocks:
+        # FSDP2 + torch.compile as torchtitan does it: each block compiled, FSDP's all-gather / reduce-scatter hooks
+        # around the compiled regions, so communication of block i+1 overlaps the computation of block i
+        for block in model.transformer.h:
+            block.compile()
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = mp_policy or MixedPrecisionPolicy()
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)  # ALiBi slopes are recomputed by CausalSelfAttention._apply, not left empty
+    if model.lm_head.weight is not model.transformer.wte.weight:
+        # to_empty gives an unsharded module a new Parameter per module, which unties them (FSDP2 keeps the tie)
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+@torch.no_grad()
+def init_params(model):
+    """Initialise a (possibly sharded) model from the global RNG: one whole parameter at a time on the CPU, in
+    named_parameters order, by mup.init_param, then this rank's shard of it is kept (distribute_tensor cuts the
+    same dim-0 chunks FSDP2 holds). The largest tensor ever whole is one parameter (the embedding, 0.5 GB at 3B),
+    and every strategy and world size starts from the same bits for the same seed."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    for name, p in model.named_parameters():
+        full = torch.empty(p.shape, dtype=p.dtype)
+        mup.init_param(model.pz, name, full)
+        if isinstance(p, DTensor):
+            # src_data_rank=None: every rank drew the same tensor, so each cuts its own chunk with no scatter
+            p.copy_(distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None))
+        else:
+            p.copy_(full)
+
+
+def load_full(model, sd):
+    """Weights from a full state dict (CPU, possibly memory-mapped) into a model, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, {k: v for k, v in sd.items()}, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_optimizer(model, optimizer, osd):
+    """A .pt checkpoint's optimizer state (optimizer.state_dict(): parameters numbered in param-group order) into the
+    optimizer of a sharded model: the numbers become parameter names, in the same order, since mup.param_groups
+    builds the groups alike for every strategy; set_optimizer_state_dict then keeps each rank's shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = {id(p): n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    fqn = dict(zip((i for g in osd["param_groups"] for i in g["params"]), order))
+    full = {"state": {fqn[i]: s for i, s in osd["state"].items()},
+            "param_groups": [dict(g, params=[fqn[i] for i in g["params"]]) for g in osd["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def rng_states(device, world):
+    """Every rank's RNG states, CPU and (on CUDA) its device's, gathered so that rank 0 can save them all."""
+    mine = {"cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return [mine]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def restore_rng(states, device, rank, world, seed, step):
+    """Each rank takes back its own RNG states; at another world size there is no such state, so each rank is
+    reseeded from (seed, rank, step) (only dropout draws from it). Checkpoints older than per-rank states hold one
+    CPU state."""
+    if isinstance(states, torch.Tensor):
+        states = [{"cpu": states}]
+    if len(states) == world:
+        torch.set_rng_state(states[rank]["cpu"])
+        if device.startswith("cuda") and "cuda" in states[rank]:
+            torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    else:
+        torch.manual_seed(hash((seed, rank, step)) % 2**63)
+
+
+def clip_grads(params, max_norm):
+    """The global gradient norm, and the gradients scaled to max_norm when above it (max_norm 0: not clipped).
+    Under FSDP the norm of the sharded gradients is a DTensor; full_tensor() all-reduces it, as torchtitan does."""
+    from torch.distributed.tensor import DTensor
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the memory plan: per-GPU bytes of a run before launching it (--memory_plan=GxMEM)
+
+def memory_plan(config, strategy, G, micro_tokens, dtype, activation_checkpointing):
+    """Bytes per GPU of a training step, by term: an upper bound of the peak. P parameters (the tied embedding once),
+    L blocks of P_b each, the root (embedding, final LN) P_r = P − L·P_b, width d, SwiGLU width f, vocabulary V,
+    n tokens per micro-batch per GPU, s bytes per activation element (2 in bf16, 4 in fp32).
+      fp32 weights 4P, gradients 4P, AdamW moments 8P: divided by G under FSDP (ZeRO-3), whole on every GPU under DDP
+        (whose gradients are views into its all-reduce buckets, so they are held once)
+      in flight: FSDP all-gathers the root (kept from forward to backward) and two blocks (one computing, one
+        prefetched) in the compute dtype, and holds one block's or the root's unsharded fp32 gradient before its
+        reduce-scatter: s·P_r + 2·s·P_b + 4·max(P_b, P_r); DDP under bf16 autocast keeps bf16 copies of the weights
+        for backward: 2P
+      activations saved for backward, per token and block s·(8d + 4f): the LayerNorms' inputs and outputs (4d), q, k
+        and v (3d), the attention output (d), the SwiGLU's two projections, silu(gate) and their product (4f); flash
+        and flex attention keep no T×T scores. Per token at the head s·4d + V·(s + 8) in bf16 (logits, their fp32
+        copy, log-softmax), V·8 in fp32. With activation checkpointing each block keeps its input (s·d) and one
+        block is recomputed at a time. Under DDP's bf16 autocast the residual stream and LayerNorms stay fp32, so
+        activations are up to 2x this count there; under FSDP's MixedPrecisionPolicy they are bf16 as counted.
+    Measured against the peak RSS of small fp32 models on CPU (test_memory_plan_bounds_the_measured_peak)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    P, P_b = model.num_params(non_embedding=False), sum(p.numel() for p in model.transformer.h[0].parameters())
+    d, f, V, L = config.n_embd, config.n_inner, config.vocab_size, config.n_layer
+    P_r = P - L * P_b
+    s = 2 if dtype == "bfloat16" else 4
+    shard = G if strategy == "fsdp" else 1
+    out = {"weights": 4 * P / shard, "gradients": 4 * P / shard, "adamw": 8 * P / shard}
+    if strategy == "fsdp":
+        out["in_flight"] = s * P_r + 2 * s * P_b + 4 * max(P_b, P_r)
+    else:
+        out["in_flight"] = 2 * P if dtype == "bfloat16" else 0
+    n = micro_tokens
+    block = s * (8 * d + 4 * f)
+    head = s * 4 * d + V * (s + 8 if s == 2 else 8)
+    out["activations"] = n * ((L * s * d + block if activation_checkpointing else L * block) + head)
+    out["total"] = sum(out.values())
+    return out
+
+
+def memory_plan_text(cfg):
+    """The --memory_plan=GxMEM report: per-GPU memory of this run on G GPUs of MEM GB, with and without activation
+    checkpointing, and whether it fits (within 90% of the card: the rest is the CUDA context, NCCL's buffers and
+    the allocator's fragmentation)."""
+    m = re.fullmatch(r"(\d+)x(\d+(?:\.\d+)?)", cfg.memory_plan)
+    if not m or int(m.group(1)) < 1:
+        raise TrainError(f"--memory_plan={cfg.memory_plan} is not GPUSxGB, e.g. 8x80 for eight 80 GB GPUs")
+    G, card = int(m.group(1)), float(m.group(2)) * 1e9
+    if cfg.init_from == "resume" or os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+        run = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+        config = GPTConfig(**json.load(open(os.path.join(run, "config.json")))["model_config"])
+    else:
+        config = scratch_config(cfg)
+    strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp" if G > 1 else "single")
+    dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype  # auto: the CUDA default
+    micro = cfg.micro_batch_tokens or cfg.batch_tokens // G
+    with torch.device("meta"):
+        P = GPT(config).num_params(non_embedding=False)
+    lines = [f"memory plan: {cfg.model} ({P:,} parameters), {strategy} "
+             f"on {G} GPU(s) of {card / 1e9:g} GB, {dtype}, {micro:,} tokens per micro-batch per GPU"]
+    for ac in (False, True):
+        p = memory_plan(config, strategy, G, micro, dtype, ac)
+        fits = p["total"] <= 0.9 * card
+        lines.append(f"  {'with' if ac else 'without'} activation checkpointing: " + ", ".join(
+            f"{k.replace('_', ' ')} {v / 1e9:.2f} GB" for k, v in p.items() if k != "total")
+            + f"; total {p['total'] / 1e9:.2f} GB per GPU: {'fits' if fits else 'does not fit'}"
+            + ("" if fits else f" (over 90% of {card / 1e9:g} GB)"))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,15 +447,17 @@ def init_model(cfg, ck):
 def main(argv):
     # -------- settings: defaults, config files, --key=value; a resumed run takes its checkpoint's
     cfg, given = configure(Config, argv)
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise TrainError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise TrainError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.strategy not in STRATEGIES:
+        raise TrainError(f"unknown strategy {cfg.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if cfg.schedule not in mup.SCHEDULES:
         raise TrainError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(mup.SCHEDULES)}")
     ck = None
     if cfg.init_from == "resume":
         ck = load_checkpoint(cfg.out_dir)
         saved = ck["config"]
-        changed = {k for k in given if k not in RESUME_KEYS and given[k] != saved.get(k)}
+        changed = {k for k in given if k not in RESUME_KEYS and given[k] != saved.get(k, Config.__dict__.get(k))}
         if changed:
             raise TrainError(f"a resumed run keeps its settings; {', '.join(sorted(changed))} differ from "
                              f"{cfg.out_dir}/config.json (only {', '.join(sorted(RESUME_KEYS))} may change)")
@@ -205,24 +465,52 @@ def main(argv):
             if k not in given or k not in RESUME_KEYS:
                 setattr(cfg, k, v)
         cfg.init_from = "resume"
-    elif checkpoints(cfg.out_dir):
+    elif checkpoints(cfg.out_dir) and not cfg.memory_plan:
         raise TrainError(f"{cfg.out_dir} already holds a run; use --init_from=resume or another --out_dir")
+    if cfg.memory_plan:  # a dry run: nothing is built, no process group is needed
+        print(memory_plan_text(cfg))
+        return
 
     # -------- device and distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    fsdp = cfg.strategy == "fsdp"
+    if fsdp and "WORLD_SIZE" not in os.environ:
+        raise TrainError("--strategy=fsdp shards the model over processes started by torchrun "
+                         "(torchrun --nproc_per_node=G train.py ...), and this process was not")
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     master = rank == 0
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1:
+    if device.startswith("cuda"):
+        # fp32 matmuls (and the fp32 parts of a bf16 run) on tensor cores as TF32; CUDA's default is full fp32
+        torch.set_float32_matmul_precision("high")
+    if cfg.dtype == "auto":  # BTLM trained in bf16: the CUDA default; CPUs without AVX-512-BF16 run it ~100x slower
+        cfg.dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if world > 1 or fsdp:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    # FSDP2 on CUDA: bf16 parameters in flight and for compute, fp32 master weights, gradient reductions in fp32
+    # (torch.distributed.fsdp.MixedPrecisionPolicy); elsewhere autocast casts inside each op as before
+    mp_policy = None
+    if fsdp and cfg.dtype == "bfloat16" and device.startswith("cuda"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16,
+                              enabled=cfg.dtype == "bfloat16" and mp_policy is None)
 
-    # -------- model: the same initial weights on every rank
+    # -------- model: built on the meta device, sharded (FSDP), then filled: the same weights on every rank
+    config, weights_from, cpt = init_model(cfg, ck)
+    model = build_model(config, device, fsdp, cfg.activation_checkpointing, mp_policy,
+                        compile_blocks=cfg.compile and fsdp)
     torch.manual_seed(cfg.seed)
-    model, cpt = init_model(cfg, ck)
+    if isinstance(weights_from, str):
+        load_sharded(model, None, weights_from)   # CPT from an FSDP run's DCP folder
+    elif weights_from is not None:
+        load_full(model, weights_from)            # CPT from a .pt run or a Hugging Face model
+    elif ck is None:
+        init_params(model)
+    del weights_from
     N = model.num_params()
 
     # -------- data: a mixture of domains; a CPT run also evaluates its base model's domain (forgetting)
@@ -275,8 +563,9 @@ def main(argv):
             raise TrainError(f"--tau={cfg.tau} must be a positive number or 'opt'")
         cfg.weight_decay = mup.weight_decay_for_tau(tau, cfg.lr, B, D)
 
-    # -------- optimizer: AdamW over mup.py's parameter groups, each with its own LR, λ and ε
-    model.to(device)
+    # -------- optimizer: AdamW over mup.py's parameter groups, each with its own LR, λ and ε. Under FSDP the groups
+    # hold the sharded parameters (DTensors): AdamW is elementwise, so each rank updates its shard with its group's
+    # η, λ and ε, exactly as the whole model would be updated
     torch.manual_seed(cfg.seed + rank)
     optimizer = model.configure_optimizers(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps,
                                            width_scaled_wd=bool(cfg.tau))
@@ -284,14 +573,30 @@ def main(argv):
     taus = mup.group_taus(optimizer.param_groups, B, D)
     step = 0
     if ck is not None:
-        optimizer.load_state_dict(ck["optimizer"])
+        if "dcp" in ck:
+            load_sharded(model, optimizer, ck["dcp"])   # an FSDP run's shards, into any strategy and world size
+        elif fsdp:
+            load_full(model, ck.pop("model"))           # a one-process or DDP run continued under FSDP
+            load_full_optimizer(model, optimizer, ck.pop("optimizer"))
+        else:
+            model.load_state_dict(ck.pop("model"))
+            optimizer.load_state_dict(ck.pop("optimizer"))
         step = ck["step"]
-        torch.set_rng_state(ck["rng"])
+        restore_rng(ck.pop("rng"), device, rank, world, cfg.seed, step)
     raw = model
-    if cfg.compile:
+    if device.startswith("cuda"):
+        # flex_attention's BlockMask of every sequence length the run meets, built now: made inside a compiled
+        # graph, each new length (VSL's switch, evaluation) would be traced into it and recompile
+        model_mod.build_flex_masks(sorted({T for T, _ in seq_lens}), device)
+    if world > 1 and not fsdp:
+        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not a second copy (4 B/param)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None, gradient_as_bucket_view=True)
+    if cfg.compile and not fsdp:
+        # compile the DDP-wrapped model: DDP(torch.compile(model)) would fire DDP's gradient hooks only after the
+        # whole compiled backward, so no all-reduce would overlap computation; compiled around DDP, dynamo splits
+        # the graph at bucket boundaries (DDPOptimizer) and each bucket's all-reduce starts as soon as it is ready
         model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 
     # -------- the run directory: config.json, log.jsonl, the collapse monitor
     # seed 0 for every run: runs of different seeds are scored on the same validation text
@@ -321,7 +626,8 @@ def main(argv):
                     monitor.update(r["tokens"] / D, r["loss"])
         print(f"{cfg.out_dir}: N={N:,} non-embedding params, D={D:,} tokens ({D / N:.1f} TPP), {steps} steps of "
               f"{B:,} tokens, η={cfg.lr:g}, λ={cfg.weight_decay:.4g}, τ(hidden)={taus.get('hidden') or math.inf:.4g}, "
-              f"{raw.config.param}, {device} {cfg.dtype}" + (f", world {world}" if world > 1 else ""))
+              f"{raw.config.param}, {device} {cfg.dtype}" + (f", world {world}" if world > 1 else "")
+              + (", FSDP" if fsdp else "") + (", activation checkpointing" if cfg.activation_checkpointing else ""))
 
     def log(rec):
         if master:
@@ -342,11 +648,13 @@ def main(argv):
         return out
 
     def checkpoint():
-        if master:
-            save_checkpoint(cfg.out_dir, dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                              tokens=step * B, config=dataclasses.asdict(cfg),
-                                              model_config=dataclasses.asdict(raw.config), cpt=cpt,
-                                              rng=torch.get_rng_state()), cfg.keep_last)
+        meta = dict(step=step, tokens=step * B, config=dataclasses.asdict(cfg),
+                    model_config=dataclasses.asdict(raw.config), cpt=cpt, rng=rng_states(device, world))
+        if fsdp:
+            save_sharded(cfg.out_dir, raw, optimizer, meta, cfg.keep_last)
+        elif master:
+            save_checkpoint(cfg.out_dir, dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), **meta),
+                            cfg.keep_last)
 
     # -------- the loop: one optimizer step of B tokens at a time, in micro-batches of `micro` tokens per rank
     if step == 0:
@@ -367,16 +675,17 @@ def main(argv):
         n_micro = x.size(0) // (micro // T)
         loss_sum = torch.zeros((), device=device)
         for i, (xm, ym) in enumerate(zip(x.chunk(n_micro), y.chunk(n_micro))):
-            # DDP averages gradients across ranks on the last micro-batch's backward only
+            # DDP averages gradients across ranks on the last micro-batch's backward only; FSDP reduce-scatters
+            # every micro-batch's gradients into the sharded ones (keeping them whole would cost 4 B/param)
             sync = i == n_micro - 1
-            with model.no_sync() if world > 1 and not sync else contextlib.nullcontext():
+            with model.no_sync() if world > 1 and not fsdp and not sync else contextlib.nullcontext():
                 with autocast:
                     _, loss = model(xm.to(device), ym.to(device))
                 (loss / n_micro).backward()
             loss_sum += loss.detach() / n_micro
         if world > 1:
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = clip_grads(raw.parameters(), cfg.grad_clip)
         lossf = loss_sum.item()
         if not math.isfinite(lossf):
             raise TrainError(f"the loss became {lossf} at step {step}; the last good checkpoint in {cfg.out_dir} "
@@ -418,6 +727,8 @@ def main(argv):
     if step == cfg.stop_at and step < steps:
         if master:
             print(f"stopped at step {step} (--stop_at); continue with --init_from=resume --out_dir={cfg.out_dir}")
+    elif master and cfg.sample_tokens and fsdp:
+        print(f"sample: python sample.py --run={cfg.out_dir} (it gathers the sharded checkpoint)")
     elif master and cfg.sample_tokens:
         enc = data_mod.get_encoding(run_info["tokenizer"])
         start = torch.tensor([[enc.eot_token]], device=device)
@@ -425,7 +736,7 @@ def main(argv):
         with autocast:
             out = raw.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50, generator=g)
         print("sample:\n" + enc.decode(out[0, 1:].tolist()))
-    if world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
