@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from common import RESULTS, plt, quick, save_json, savefig, train_run, train  # noqa: I001 (sets sys.path)
+from common import RESULTS, RUNS, plt, quick, save_json, savefig, train_run, train  # noqa: I001 (sets sys.path)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -95,6 +95,39 @@ def copy_distance(rows):
     return near[:, 1:]
 
 
+@torch.no_grad()
+def source_attention(run_dir, rows, dist, n=48):
+    """Mechanism: the last layer's attention, per head, on the key a target would be copied from (the earlier
+    occurrence of the target symbol, t + 1 - δ for a target at query t with copy distance δ), averaged over the
+    near (< SHORT back) and far-only (SHORT..LONG-1 back) targets at query positions SHORT..LONG-1, on the first
+    n windows. The heads' ALiBi slopes are 2^-2, 2^-4, 2^-6, 2^-8 (4 heads)."""
+    ck = train.load_checkpoint(run_dir)
+    model = GPT(GPTConfig(**ck["model_config"]))
+    model.load_state_dict(ck["model"])
+    model.eval()
+    attn = model.transformer.h[-1].attn
+    got = {}
+    hook = attn.c_attn.register_forward_hook(lambda mod, inp, out: got.__setitem__("qkv", out))
+    t = torch.arange(EVAL_T)
+    sums, counts = {"near": 0, "far only": 0}, {"near": 0, "far only": 0}
+    inside = (t >= SHORT) & (t < LONG)
+    for i in range(0, min(n, len(rows)), 4):
+        model(torch.from_numpy(rows[i:i + 4, :-1]))
+        B, T, C = got["qkv"].shape
+        q, k, _ = (z.view(B, T, attn.n_head, -1).transpose(1, 2) for z in got["qkv"].split(C // 3, dim=2))
+        att = (q @ k.transpose(-2, -1)) * attn.scale - attn.slopes[:, None, None] * (t[:, None] - t[None, :])
+        att = att.masked_fill(t[None, :] > t[:, None], float("-inf")).softmax(-1)      # (B, H, T, T)
+        d = torch.from_numpy(np.minimum(dist[i:i + 4], EVAL_T))
+        src = (t[None, :] + 1 - d).clamp(min=0)                                        # (B, T)
+        w = att.gather(-1, src[:, None, :, None].expand(B, attn.n_head, T, 1))[..., 0]    # (B, H, T)
+        for kind, m in (("near", d < SHORT), ("far only", (d >= SHORT) & (d < LONG))):
+            sel = (m & inside[None]).float()
+            sums[kind] = sums[kind] + (w * sel[:, None]).sum((0, 2))
+            counts[kind] += float(sel.sum())
+    hook.remove()
+    return {kind: [round(float(v), 3) for v in sums[kind] / max(counts[kind], 1)] for kind in sums}
+
+
 def mean(c, span):
     return float(c[span[0]:span[1]].mean())
 
@@ -146,6 +179,9 @@ for domain, tokens, seeds, n_windows in DOMAINS:
         results[domain]["loss_by_copy_distance"] = {
             f"{n}_s{s}": {f"{k} @ {sp}": round(float(L[m & sel].mean()), 4) for k, m in kinds.items()
                           for sp, sel in spans.items()} for (n, s), L in losses.items()}
+        results[domain]["last_layer_attention_on_copy_source_per_head"] = {
+            f"{n}_s{s}": source_attention(os.path.join(RUNS, f"vsl/{domain}_{n}_s{s}"), rows, dist)
+            for n, s in losses}
     print(domain, json.dumps({k: results[domain][k] for k in ("far_loss", "vsl_gain_per_seed", "seed_spread",
                                                                "gain_over_3_spread", "gain_spread_paired",
                                                                "gain_over_3_paired_spread", "short_end_of_window_loss",
