@@ -1331,6 +1331,37 @@ def test_builtin_corpora_are_distinct_domains(monkeypatch, tmp_path):
     assert made == ["prose"]  # only the missing corpus is prepared
 
 
+def test_synth_copy_is_a_labelled_synthetic_domain_of_near_and_far_copies(tmp_path):
+    """The SYNTHETIC long-range domain of experiments/vsl.py: one byte per symbol, a function of the seed, spans
+    that reappear near (32-48 back) and far (128-512 back) in the proportions asked, never prepared as a built-in."""
+    doc = data.copy_document(np.random.default_rng([0, 7]), 40_000)
+    assert doc == data.copy_document(np.random.default_rng([0, 7]), 40_000)
+    raw = doc.encode("utf-8")
+    assert len(raw) == 40_000 and max(raw) < 128  # the bytes tokenizer sees exactly 40,000 tokens
+    a = np.frombuffer(raw, np.uint8).astype(np.int64)
+
+    # each symbol's nearest earlier occurrence of the 3 symbols ending at it (its copy distance; none if fresh)
+    nearest = np.full(len(a), 10**9)
+    for d in range(1, 1025):
+        m = np.zeros(len(a), bool)
+        m[d + 2:] = (a[d + 2:] == a[2:-d]) & (a[d + 1:-1] == a[1:-d - 1]) & (a[d:-2] == a[:-d - 2])
+        nearest = np.where(m & (nearest > d), d, nearest)
+    share = lambda lo, hi: ((nearest >= lo) & (nearest < hi)).mean()
+    # measured 0.61 / 0.07 / 0.15 / 0.17: near copies (and chains of them) dominate; 15% of symbols can only be
+    # copied from 128-511 back; the rest (fresh spans, the first 2 symbols of a copy) from nowhere (chance ~1e-4)
+    assert 0.55 < share(1, 49) < 0.7 and share(49, 128) < 0.1 and 0.12 < share(128, 512) < 0.2
+    assert share(512, 1025) < 0.01 and 0.12 < share(1025, 10**10) < 0.22
+    fresh = data.copy_document(np.random.default_rng(0), 40_000, p_copy=0.0).encode()
+    p = np.bincount(np.frombuffer(fresh, np.uint8), minlength=128) / len(fresh)
+    assert p.min() > 0 and abs(-(p * np.log(p)).sum() - math.log(128)) < 0.01  # fresh symbols: uniform over 128
+    with pytest.raises(DataError, match="start below the longest span"):
+        data.copy_document(np.random.default_rng(0), 100, near=(8, 16))
+    assert "synth_copy" not in data.BUILTIN  # train.py never prepares it on demand
+    out = data.prepare("synth_copy", str(tmp_path / "sc"), max_tokens=60_000, min_val_tokens=1000)
+    ds = data.Dataset(out)
+    assert ds.meta["source"] == "synth_copy" and ds.sample("train", 512, [0.5]).max() < 128
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # collapse.py: τ recipes, normalisation, Δ and σ, forecasts, the live monitor
 
