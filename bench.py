@@ -35,7 +35,7 @@ def best_time(fn, repeats):
 
 
 def chinchilla_objective(N, D, L, delta):
-    """The reference for scaling.fit_law: Chinchilla's summed Huber on log residuals (SPEC §5), written
+    """The reference for scaling.fit_law: Chinchilla's summed Huber on log residuals (Besiroglu et al. 2024), written
     independently in numpy with its exact gradient, for SciPy's L-BFGS-B (here and in test_all.py).
     θ = (e, a, b, α, β) with E = e^e, A = e^a, B = e^b."""
     import numpy as np
@@ -54,7 +54,7 @@ def chinchilla_objective(N, D, L, delta):
 
 def bench_scaling(points=240, scipy_starts=300, repeats=2, seed=0):
     """Chinchilla Approach 3 on synthetic data: scaling.fit_law's batched L-BFGS over the full
-    4,500-start grid (SPEC §5) against SciPy's L-BFGS-B looped over the same starts, the reference.
+    4,500-start grid (Hoffmann et al. 2022, Approach 3) against SciPy's L-BFGS-B looped over the same starts, the reference.
     SciPy is timed on a random subset of the starts and extrapolated linearly to all of them."""
     import itertools
     import math

@@ -1,7 +1,8 @@
 """
-Loss-curve collapse (SPEC §3, §6): AdamW-timescale recipes, normalised loss curves, the collapse
-deviation Δ against the seed noise floor σ, final-loss forecasts from partial runs, and a live monitor.
-Stands alone (numpy only); reads run directories (config.json + log.jsonl) and long CSV.
+Loss-curve collapse (Bergsma et al. 2025, arXiv 2509.25087; Qiu et al. 2025, arXiv 2507.02119): the AdamW
+timescale recipe, normalised loss curves, the collapse deviation Δ against the seed noise floor σ, final-loss
+forecasts from partial runs, and a live monitor. Stands alone (numpy, and mup.py's recipe and LR schedule); reads
+run directories (config.json + log.jsonl) and long CSV.
 
     python collapse.py recipe --params=1e6 --tpp=20
     python collapse.py analyze --runs=out/fam/* --json --plot=collapse.png
@@ -58,7 +59,7 @@ def lr_shape(x, schedule, warmup=0.0, final_lr_frac=0.0085, wsd_decay=0.2, steps
 
 def nq_variance(x, tau, schedule="d2z", warmup=0.05, kappa=1.0):
     """Noisy-quadratic variance v(x), in units of its constant-LR stationary value: dv/dx = (2η/τ)(η − v), v(0) = κ,
-    relaxing towards η(x) at the AdamW rate 2η(x)/τ; with η ≡ 1 it is SPEC §6's (1 − e^(−2x/τ)) + κ·e^(−2x/τ).
+    relaxing towards η(x) at the AdamW rate 2η(x)/τ; with η ≡ 1 it is the constant-LR closed form (1 − e^(−2x/τ)) + κ·e^(−2x/τ) (docs/science.md §7).
     Solved exactly on a fine grid: v = e^−A·(κ + ∫(2η²/τ)e^A), A = (2/τ)∫η."""
     f = np.linspace(0.0, 1.0, 20001)
     eta = lr_shape(f, schedule, warmup)
@@ -216,7 +217,7 @@ def load_curves(spec, x=None, size_col=None, seed_col=None):
 
 
 def check_mixing(curves, force=False):
-    """Collapse needs one schedule and one TPP (SPEC §6); refuse mixtures unless forced."""
+    """Collapse needs one schedule and one TPP (Bergsma et al. 2025, §3); refuse mixtures unless forced."""
     if force:
         return
     sched = {c.schedule for c in curves if c.schedule}
@@ -322,7 +323,7 @@ def forecast(prefix_x, prefix_loss, reference, x_min=0.05, window=1):
 
 def eq4(x, e, b, q):
     """Bergsma et al. 2025, Eq. 4 before normalisation: ((1+ε1)/(x+ε1))^m + b·(η+ε2)^q, η = relative LR at x."""
-    eps1, eps2, m = 1e-3, 0.1, 0.05  # the paper's constants (SPEC §6)
+    eps1, eps2, m = 1e-3, 0.1, 0.05  # the paper's constants (Bergsma et al. 2025, Eq. 4)
     return ((1 + eps1) / (x + eps1)) ** m + b * (e + eps2) ** q
 
 
@@ -396,7 +397,7 @@ def param_reference(fit, c):
 # live monitor
 
 class CollapseMonitor:
-    """Compares a live run with the normalised shape of healthy reference runs (SPEC §6, Bergsma's 1.8B case).
+    """Compares a live run with the normalised shape of healthy reference runs (Bergsma et al. 2025: their 1.8B run's numerics bug).
     L(1) of a live run is unknown, so each update fits it as `forecast` does, on the points seen so far with
     x_min ≤ x ≤ fit_until; after fit_until the implied L(1) stays frozen, so a pathology that starts later
     cannot be absorbed into the scale (one that starts earlier is partly absorbed: the price of not knowing L(1)).

@@ -5,8 +5,8 @@ A parameterisation says, for every weight of a model of width d and depth L, how
 multiplier it meets in the forward pass, and which AdamW learning rate, weight decay and epsilon it gets, all
 as a function of base hyper-parameters tuned once on a small proxy (width d_base, depth L_base). Under µP the
 best hyper-parameters of the proxy stay the best as width grows (µTransfer); CompleteP extends that to depth.
-The one table this file implements is SPEC §2 (Yang et al. 2022 "Tensor Programs V"; the Cerebras µP guide
-and BTLM-3B-8K, Dey et al. 2023 §3.2; CompleteP, Dey et al. 2025 "Don't be lazy", α = 1).
+The one table this file implements (docs/science.md §2) comes from Yang et al. 2022 "Tensor Programs V", the
+Cerebras µP guide and BTLM-3B-8K (Dey et al. 2023 §3.2), and CompleteP (Dey et al. 2025 "Don't be lazy", α = 1).
 
     python mup.py coord --param=mup --widths=64,128,256,512 --steps=10 --plot=coord.png --json
     python mup.py coord --param=completep --depths=2,4,8,16 --json
@@ -23,7 +23,7 @@ from configurator import ArgumentParser
 
 PARAMS = ("sp", "mup", "completep")
 
-# BTLM-3B-8K's tuned µP base values (Dey et al. 2023, Table 2 / SPEC §2): the defaults of every model here
+# BTLM-3B-8K's tuned µP base values (Dey et al. 2023, BTLM-3B-8K): the defaults of every model here
 BTLM_SIGMA, BTLM_ETA, BTLM_ALPHA_IN, BTLM_ALPHA_OUT, BTLM_D_BASE = 0.073, 1.2e-2, 14.6, 2.22, 256
 
 
@@ -33,7 +33,7 @@ class MupError(ValueError):
 
 @dataclass(frozen=True)
 class Parameterisation:
-    """SPEC §2's table for one model. m_N = d/d_base is `width_mult`, m_L = L/L_base is `depth_mult`."""
+    """The parameterisation table for one model. m_N = d/d_base is `width_mult`, m_L = L/L_base is `depth_mult`."""
     name: str            # "sp" | "mup" | "completep"
     width_mult: float    # m_N
     depth_mult: float    # m_L

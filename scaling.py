@@ -55,7 +55,7 @@ def powerlaw(x, p):
 def dcpt(x, p):
     """D-CPT law (Que et al. 2024): L(N, D, r) = E + A/N^alpha + B r^eta / D^beta + C/(r + eps)^gamma.
     r is the mixture share OF THE DOMAIN BEING MODELLED: 1 - replay for the target-domain loss, replay for
-    the base-domain loss (SPEC §4); eps > 0 is fitted. No PTPP input: the PTPP-agnostic baseline."""
+    the base-domain loss (Que et al. 2024, arXiv 2406.01375); eps > 0 is fitted. No PTPP input: the PTPP-agnostic baseline."""
     return _lse(p["log_E"], p["log_A"] - p["alpha"] * torch.log(x["N"]),
                 p["log_B"] + p["eta"] * _log(x["r"]) - p["beta"] * torch.log(x["D"]),
                 p["log_C"] - p["gamma"] * torch.log(x["r"] + torch.exp(p["log_eps"])))
@@ -74,7 +74,7 @@ def ptpp_transfer(x, p):
     term at D_eff = r D + k (P N)^kappa in-domain tokens: the P N pre-training tokens add the "effective data
     transferred" of Hernandez et al. 2021 (D_T = k D_F^alpha N^beta, without the N factor; k ~ kappa ~ 1 for the base
     domain, k << 1 for a new one). Forgetting is a power of the other domain's tokens per pre-training token: a model
-    that has seen more moves less per new token. At D = 0 this is the pre-CPT loss (SPEC §4c); at k = kappa = 1,
+    that has seen more moves less per new token. At D = 0 this is the pre-CPT loss; at k = kappa = 1,
     Chinchilla's L(N, P N). Nine parameters, each with its own role, pinned by two PTPPs and a few sizes."""
     lN, lP, r = torch.log(x["N"]), torch.log(x["ptpp"]), x["r"]
     log_Deff = _lse(_log(r) + torch.log(x["D"]), p["log_k"] + p["kappa"] * (lP + lN))
@@ -91,7 +91,7 @@ class Law:
 _CPT_GRID = dict(log_E=[-1.0, 0.0, 1.0], log_A=[0.0, 5.0, 10.0], alpha=[0.3, 1.0], log_B=[0.0, 5.0, 10.0],
                  beta=[0.3, 1.0])
 LAWS = {
-    # SPEC §5: alpha, beta in {0, .5, .., 2}, e in {-1, -.5, .., 1}, a, b in {0, 5, .., 25}: 4,500 starts
+    # Hoffmann et al. 2022's Approach 3 grid: alpha, beta in {0, .5, .., 2}, e in {-1, -.5, .., 1}, a, b in {0, 5, .., 25}: 4,500 starts
     "chinchilla": Law(chinchilla, ("N", "D"), dict(log_E=np.arange(-1, 1.01, 0.5), log_A=np.arange(0, 26, 5.0),
                       log_B=np.arange(0, 26, 5.0), alpha=np.arange(0, 2.01, 0.5), beta=np.arange(0, 2.01, 0.5))),
     "powerlaw": Law(powerlaw, ("x",), dict(log_L0=[-1.0, 0.0, 1.0], log_a=np.arange(0, 26, 5.0),
@@ -194,7 +194,7 @@ def _lbfgs(f, x, max_iter=200, m=15, ftol=1e-6, gtol=1e-12):
     return X, FX
 
 def huber_on_log(pred, actual, delta=DELTA):
-    """SPEC §4: mean over points of Huber_delta(log L_hat - log L)."""
+    """Our metric: mean over points of Huber_delta(log L_hat - log L)."""
     r = torch.as_tensor(np.log(pred) - np.log(actual), dtype=torch.float64)
     return float(F.huber_loss(r, torch.zeros_like(r), delta=delta, reduction="mean"))
 
@@ -238,7 +238,7 @@ class Fit:
 
 def fit_law(law_name, columns, loss, bootstrap=0, grid=None, seed=0):
     """From each start of the grid (law.grid, or grid), minimise the SUM over points of Huber_delta(log L_hat - log L)
-    (SPEC §5, Besiroglu et al. 2024); bootstrap > 0 adds 95% percentile CIs."""
+    (Besiroglu et al. 2024); bootstrap > 0 adds 95% percentile CIs."""
     law, n = _law(law_name), len(np.atleast_1d(loss))
     for k in law.inputs:
         if k not in columns:
@@ -281,7 +281,7 @@ def fit_law(law_name, columns, loss, bootstrap=0, grid=None, seed=0):
     return Fit(law_name, _public(dict(zip(names, theta.tolist()))), float(val), n, ci)
 
 def metrics(pred, actual, before=None):
-    """SPEC §4 metrics (our definitions): Huber-on-log (mean); MAE_rel = mean|L_hat - L| / mean|L - L_before| (None
+    """CPT forecast metrics (our definitions, docs/science.md §5): Huber-on-log (mean); MAE_rel = mean|L_hat - L| / mean|L - L_before| (None
     without before); calibration slope: least squares of L on L_hat (ideal 1); RMSE; MAPE = 100 mean|L_hat - L| / L."""
     p, a = np.asarray(pred, np.float64), np.asarray(actual, np.float64)
     err, dp, da = p - a, p - p.mean(), a - a.mean()
@@ -331,7 +331,7 @@ def _read_json(path):
         raise ScalingError(f"cannot read {path}: {e}")
 
 def read_runs(path):
-    """CPT runs from one run directory or a folder of them (SPEC §7): config.json's "cpt" block gives N,
+    """CPT runs from one run directory or a folder of them (train.py's run directories): config.json's "cpt" block gives N,
     PTPP, replay and the domain names; log.jsonl's eval at step 0 the "before" losses, its last the "after"."""
     is_run = lambda d: os.path.exists(os.path.join(d, "config.json"))
     dirs = [path] if is_run(path) else [d for d in sorted(os.path.join(path, n) for n in os.listdir(path)) if is_run(d)]
@@ -483,7 +483,7 @@ def cmd_optimal(fit, compute, json):
     if f.law != "chinchilla" or not compute > 0:
         raise ScalingError(f"optimal needs a chinchilla fit ({fit} holds {f.law}) and a positive --compute")
     a, b = f.params["alpha"], f.params["beta"]
-    G = (a * f.params["A"] / (b * f.params["B"])) ** (1 / (a + b))  # SPEC §5 (Hoffmann et al. 2022, Eq. 4)
+    G = (a * f.params["A"] / (b * f.params["B"])) ** (1 / (a + b))  # Hoffmann et al. 2022, Eq. 4
     N = G * (compute / 6) ** (b / (a + b))
     D = compute / (6 * N)
     out = dict(compute=compute, N=N, D=D, D_over_N=D / N, loss=float(f.predict(N=N, D=D)[0]))

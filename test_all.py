@@ -44,7 +44,7 @@ def test_alibi_slopes_powers_of_two_and_others():
     s = alibi_slopes(32)
     assert s[0].item() == pytest.approx(2 ** -0.25, rel=1e-6) and s[-1].item() == pytest.approx(2 ** -8, rel=1e-6)
     assert alibi_slopes(8).tolist() == pytest.approx([2.0 ** -k for k in range(1, 9)], rel=1e-6)
-    # 6 heads: the 4 power-of-two slopes, then every other slope of the 8-head set (SPEC §1)
+    # 6 heads: the 4 power-of-two slopes, then every other slope of the 8-head set (Press et al. 2022)
     assert alibi_slopes(6).tolist() == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3], rel=1e-6)
     assert alibi_slopes(1).tolist() == pytest.approx([2 ** -8])
     assert len(alibi_slopes(12)) == 12 and len(set(alibi_slopes(12).tolist())) == 12
@@ -279,7 +279,7 @@ def test_bad_model_configs_are_one_sentence_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# mup.py: SPEC §2's table, the BTLM numbers, the coordinate check
+# mup.py: the parameterisation table, the BTLM numbers, the coordinate check
 
 def test_btlm_mup_values():
     with torch.device("meta"):
@@ -1407,7 +1407,7 @@ def _write_run(path, c, D=1_000_000, **cfg):
 
 
 def test_recipe_matches_power_lines():
-    # τ and its inverse are exact reciprocals of one formula (SPEC §3): round trip to float precision
+    # τ and its inverse are exact reciprocals of one formula (Power Lines): round trip to float precision
     assert tau(1e-2, 0.1, 4e6, 8e9) == pytest.approx(4e6 / (1e-2 * 0.1 * 8e9), rel=1e-15)
     assert weight_decay_for_tau(tau(3e-3, 0.2, 512, 1e7), 3e-3, 512, 1e7) == pytest.approx(0.2, rel=1e-12)
     # Power Lines numbers: 1.084·20^−0.527 = 0.22356 and B_opt(D = 1e9) = 0.0306·1e9^0.383 = 85.65 sequences
@@ -1426,7 +1426,7 @@ def test_recipe_matches_power_lines():
 
 
 def test_noisy_quadratic_matches_spec_closed_form():
-    # constant LR, no warmup: SPEC §6's closed form. The trapezoid rule on e^A (rate 2/τ = 20 per unit x,
+    # constant LR, no warmup: the noisy-quadratic closed form. The trapezoid rule on e^A (rate 2/τ = 20 per unit x,
     # dx = 5e-5) is off by ≈ (20·dx)²/12 ≈ 1e-7 relative: measured 2.0e-7, tolerance 5e-7
     x = np.linspace(0.01, 1, 50)
     for t, kappa in ((0.1, 3.0), (0.5, 0.2)):

@@ -1,5 +1,5 @@
 """
-Experiment 5 — continual pre-training (SPEC §4): base models of one size pre-trained on English prose at three
+Experiment 5 — continual pre-training (Que et al. 2024; Goffinet et al. 2025): base models of one size pre-trained on English prose at three
 PTPPs, each adapted to Python code (stdlib) at three replay ratios × three token budgets; PTPP-aware laws fitted on
 the two lowest PTPPs predict every run at the highest, against the PTPP-agnostic D-CPT baseline; then the planner,
 fed those fits, picks (r, D) at the held-out PTPP and we compare its pick with the best run there.

@@ -1,5 +1,5 @@
 """
-Experiment 1 — µTransfer (SPEC §2): sweep the base LR over powers of two at several widths under SP and µP and
+Experiment 1 — µTransfer (Yang et al. 2022): sweep the base LR over powers of two at several widths under SP and µP and
 watch where the best LR lands; plus the coordinate check (mup.py coord) under both.
 
     python experiments/mutransfer.py [--quick]
@@ -23,7 +23,7 @@ PARAMS = ["sp", "mup"]
 SEEDS = [0] if quick() else [0, 1]   # init and data order; the best LR is taken on the mean over seeds
 
 t0 = time.time()
-# coordinate check: 10 steps at lr 1e-2 on a fixed batch (SPEC §2's protocol)
+# coordinate check: 10 steps at lr 1e-2 on a fixed batch (the coordinate check of Yang et al. 2022, §D.1)
 coord = {}
 os.makedirs(RESULTS, exist_ok=True)   # mup.py writes the plot but does not create its folder
 for p in PARAMS:
