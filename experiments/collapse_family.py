@@ -349,17 +349,19 @@ print(f"twins: live false alerts {out['fault']['twins_false_alerts_live']}, vali
 P = plt()
 fig, axes = P.subplots(2, 3, figsize=(16, 8.5))
 for row, (fn, cs) in enumerate((("family", fam), ("control", ctl))):
-    grid, L, ell, delta, sigma = arrays[f"{fn}_fit"]
+    grid, L, _, delta, sigma = arrays[f"{fn}_fit"]
     _, _, ell_b, delta_b, sigma_b = arrays[f"{fn}_none"]
     for i, c in enumerate(cs):
         col = f"C{WIDTHS.index(int(c.name.split('_w')[1].split('_')[0]))}"
-        axes[row, 0].plot(grid, L[i], color=col, lw=0.8, ls=["-", "--", ":"][c.seed % 3])
-        axes[row, 1].plot(grid, ell[i], color=col, lw=0.8, ls=["-", "--", ":"][c.seed % 3])
+        axes[row, 0].plot(grid, L[i], color=col, lw=0.8, ls=["-", "--", ":"][c.seed % 3],
+                          label=f"d{c.name.split('_w')[1].split('_')[0]}" if c.seed == 0 else None)
+        axes[row, 1].plot(grid, ell_b[i], color=col, lw=0.8, ls=["-", "--", ":"][c.seed % 3])
     axes[row, 0].set_yscale("log")
     axes[row, 0].set_title(f"{fn}: validation loss, TPP {TPP:g}" + (", τ_opt" if fn == "family" else ", mismatched τ"))
-    axes[row, 1].set_title(f"ℓ = (L − L0)/(L(1) − L0), L0 = {table[fn + '_fit']['L0']:.3f}")
-    axes[row, 1].set_ylim(0.95, 2.0)
-    axes[row, 2].semilogy(grid[:-1], delta[:-1], "C0", label="Δ(x), L0 fitted")
+    axes[row, 0].legend(fontsize=7)
+    axes[row, 1].set_title("ℓ = L/L(1) (seeds: solid, dashed, dotted)")
+    axes[row, 1].set_ylim(0.99, 1.35)
+    axes[row, 2].semilogy(grid[:-1], delta[:-1], "C0", label=f"Δ(x), L0 fitted ({table[fn + '_fit']['L0']:.2f})")
     axes[row, 2].semilogy(grid[:-1], sigma[:-1], "C0--", label="σ(x), L0 fitted")
     axes[row, 2].semilogy(grid[:-1], delta_b[:-1], "C1", label="Δ(x), L/L(1)")
     axes[row, 2].semilogy(grid[:-1], sigma_b[:-1], "C1--", label="σ(x), L/L(1)")
