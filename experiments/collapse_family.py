@@ -4,7 +4,8 @@ Experiment 3 — loss-curve collapse of a family trained here (SPEC §6; Qiu et 
   * the family: widths 16-64 at depth 2 (N + embedding 10.7k-116k, 10.9x), 3 seeds, TPP and τ = τ_opt(TPP) fixed,
     linear decay to zero, curves = validation loss on fixed windows evaluated ≈50 times per run
     (`common.recipe_flags`; seed 0 is experiment 4's grid run of the same name);
-  * a control family: the same with one weight decay λ for every size (tuned at d = 32), so τ ∝ 1/D varies 11x;
+  * a control family: the same with the τ one λ (tuned at d = 32) gives at every size, τ ∝ 1/D: an 11x spread;
+  * the family again at the LR sweep's best η = 2^-3 (Qiu et al.: supercollapse needs tuned hyperparameters);
   * Δ(x) against the seed floor σ(x) under L/L(1) (Bergsma) and (L − L0)/(L(1) − L0) with L0 fitted (Qiu);
   * forecasts of every run's final loss from its first 30%, the other sizes as reference; an LR sweep at one width
     ranked by those forecasts;
@@ -151,27 +152,35 @@ TAU_CTL = {w: mup.tau_opt(TPP) * D_of(MID) / D_of(w) for w in WIDTHS}
 lam = read_run(os.path.join(RUNS, name(FAM, MID, 0)))[0]["weight_decay"]   # that λ (base, embedding group)
 ctl_dirs = [timed("control", lambda: train_run(name(CTL, w, s), **recipe_flags(w, s, TPP, lr=LR, tau=TAU_CTL[w], steps=STEPS)))
             for s in SEEDS for w in WIDTHS]
+# the same family at the sweep's best η (2^-3, τ still τ_opt): Qiu et al. see supercollapse only when tuned
+LR_TUNED = 2 ** -3
+tuned_dirs = [sweep_dirs[LR_TUNED] if (w, s) == (MID, 0) else
+              timed("tuned", lambda: train_run(name(FAM + "_lr-3", w, s), **recipe_flags(w, s, TPP, lr=LR_TUNED, steps=STEPS)))
+              for s in SEEDS for w in WIDTHS]
 print(f"trained in {time.time() - t0:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in walls.items()), flush=True)
 
 # ---- curves and CSVs (the analysis below reads the CSVs, so `collapse.py analyze` sees exactly these numbers)
 os.makedirs(RESULTS, exist_ok=True)
 fam_csv = write_curves_csv([val_curve(d, TPP) for d in fam_dirs], os.path.join(RESULTS, "collapse_family.csv"))
 ctl_csv = write_curves_csv([val_curve(d, TPP) for d in ctl_dirs], os.path.join(RESULTS, "collapse_control.csv"))
+tun_csv = write_curves_csv([val_curve(d, TPP) for d in tuned_dirs], os.path.join(RESULTS, "collapse_tuned.csv"))
 fam = C.load_curves(fam_csv)
 ctl = C.load_curves(ctl_csv)
-for c in fam + ctl:
+tun = C.load_curves(tun_csv)
+for c in fam + ctl + tun:
     c.seed = int(float(c.seed))
 
 out = {"widths": WIDTHS, "seeds": SEEDS, "tpp": TPP, "lr": LR, "tau": fam[0].tau, "control_lambda_at_mid": lam, "control_tau_by_width": TAU_CTL,
        "control_tau": {c.name: c.tau for c in ctl if c.seed == 0},
        "runs": {os.path.basename(d): {k: read_run(d)[0][k] for k in ("N", "D", "T", "B", "tau", "weight_decay")}
-                for d in fam_dirs + ctl_dirs + list(sweep_dirs.values()) + list(fault_dirs.values())},
-       "final_val": {c.name: float(c.loss[-1]) for c in fam + ctl}}
+                for d in fam_dirs + ctl_dirs + tuned_dirs + list(sweep_dirs.values()) + list(fault_dirs.values())},
+       "final_val": {c.name: float(c.loss[-1]) for c in fam + ctl},
+       "final_val_tuned": {c.name: float(c.loss[-1]) for c in tun}, "lr_tuned": LR_TUNED}
 
 # ---- Δ vs σ: both normalisations, family and control; plus the training-loss curves of the same runs (old way)
 table = {}
 arrays = {}
-for fam_name, cs in (("family", fam), ("control", ctl)):
+for fam_name, cs in (("family", fam), ("control", ctl), ("tuned", tun)):
     for off in ("none", "fit"):
         res, arr = stats(cs, off)
         table[f"{fam_name}_{off}"] = res
@@ -209,9 +218,18 @@ for c, kind in [(c, "family") for c in fam] + [(c, "control") for c in ctl]:
                "err_trend": tr / c.loss[-1] - 1,
                "L1_hat_ratio": r_plain["L1_hat"], "err_ratio": r_plain["L1_hat"] / c.loss[-1] - 1,
                "L1_hat_L0": l0_hat, "err_L0": l0_hat / c.loss[-1] - 1, "L0_used": L0})
+for c in tun:   # the tuned family forecast from its own other sizes
+    refs = [r for r in tun if r.size != c.size]
+    r_plain = C.forecast_runs([c], refs, at=AT, shape="curve", force=True)["ranking"][0]
+    tr = forecast_trend(c, refs)
+    fc.append({"run": c.name, "family": "tuned", "L1": float(c.loss[-1]), "L1_hat_trend": tr, "err_trend": tr / c.loss[-1] - 1,
+               "L1_hat_ratio": r_plain["L1_hat"], "err_ratio": r_plain["L1_hat"] / c.loss[-1] - 1,
+               "L1_hat_L0": math.nan, "err_L0": math.nan, "L0_used": None})
 fsum = {}
-for f in ("family", "control"):
+for f in ("family", "control", "tuned"):
     for k in ("err_ratio", "err_L0", "err_trend"):
+        if f == "tuned" and k == "err_L0":
+            continue
         e = np.abs([r[k] for r in fc if r["family"] == f])
         fsum[f"{f}_{k}"] = {"mean_abs": float(e.mean()), "max_abs": float(e.max())}
         print(f"forecast at {AT:.0%}, {f}, {k}: mean |err| {100 * e.mean():.2f}%, max {100 * e.max():.2f}%")
