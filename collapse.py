@@ -256,10 +256,11 @@ def fit_offset(sizes, finals):
         raise CollapseError(f"--offset=fit needs at least 3 distinct sizes, got {len(S)}")
     L = np.array([np.mean([f for s, f in zip(sizes, finals) if s == v]) for v in S])
     s = S / np.exp(np.mean(np.log(S)))  # scale sizes near 1 so S^-b stays well conditioned
+    lowest = float(np.min(finals))  # below every run's final loss, not only every size's mean (normalise needs it)
     def sse(b):  # least squares in (L0, a) for this b, with L0 kept in [0, min L): a loss floor cannot be negative
         x = s ** -b
         L0 = np.linalg.lstsq(np.stack([np.ones_like(s), x], 1), L, rcond=None)[0][0]
-        L0 = min(max(L0, 0.0), 0.999 * L.min())
+        L0 = min(max(L0, 0.0), 0.999 * lowest)
         a = float((L - L0) @ x / (x @ x))
         return float(np.sum((L0 + a * x - L) ** 2)), (L0, a)
     bs = np.linspace(0.005, 3.0, 600)

@@ -107,3 +107,74 @@ def family_flags(w, seed, tpp, lr=2 ** -6, **extra):
              eval_batches=16, seed=seed, log_interval=max(1, T // 200), eval_interval=max(1, T // 4))
     f.update(extra)
     return f
+
+
+# --- the recipe of experiments 3 and 4 (second version): TPP counted on all parameters, validation curves -------
+# Kept apart from family_flags above (experiment 5, cpt.py, still trains its bases with that one).
+VOCAB = 257   # byte tokenizer; the token embedding is tied with the output layer, so it is counted once
+
+
+def n_params(w, n_layer=2):
+    """(non-embedding N, N + embedding) of the depth-n_layer, 4-head CompleteP model of width w, as train.py builds it."""
+    from model import GPT, get_preset
+    m = GPT(get_preset("tiny", n_layer=n_layer, n_head=4, n_embd=w, param="completep", d_base=16, L_base=2))
+    return m.num_params(), m.num_params(non_embedding=False)
+
+
+def recipe_flags(w, seed, tpp, lr=2 ** -6, n_layer=2, batch=1024, evals=50, tau="opt", steps=None, **extra):
+    """Experiments 3-4's recipe at width w: CompleteP (d_base 16, L_base 2), prose, D = TPP × (N + embedding) rounded
+    up to whole batches of `batch` tokens (sequences of 128), linear decay to zero after 10% warm-up, τ = τ_opt(TPP)
+    for every decayed group (train.py --tau: λ_g = B/(η_g·τ·D)), validation loss on 8 fixed windows of 1,024 tokens
+    evaluated ≈`evals` times per run (the collapse curves), training loss logged ≈200 times (the live monitor).
+    tau: "opt", a number, or None to use weight_decay=… from extra (a fixed λ). steps: instead of a fixed batch, the
+    batch (a multiple of 1,024 tokens, accumulated in micro-batches of 1,024 so that every run is evaluated on the
+    same windows) that gives about this many steps at every size."""
+    import math
+    import mup
+    _, n_tot = n_params(w, n_layer)
+    if steps:
+        batch = max(1024, round(tpp * n_tot / steps / 1024) * 1024)
+        extra.setdefault("micro_batch_tokens", 1024)
+    T = math.ceil(tpp * n_tot / batch)
+    f = dict(n_layer=n_layer, n_head=4, n_embd=w, param="completep", d_base=16, L_base=2, lr=lr, tokens=T * batch,
+             batch_tokens=batch, seq_len_schedule="128", schedule="d2z", warmup=0.1, data="prose", eval_batches=8,
+             seed=seed, log_interval=max(1, T // 200), eval_interval=max(1, round(T / evals)))
+    if tau is not None:
+        f["tau"] = f"{mup.tau_opt(tpp):.6g}" if tau == "opt" else f"{float(tau):.6g}"
+    f.update(extra)
+    return f
+
+
+def val_curve(run_dir, tpp=None, domain="prose"):
+    """A run's validation-loss curve as a collapse.Curve: x = tokens/D, size = N + embedding, tpp = D/(N + embedding)
+    unless given; the points after step 0."""
+    import numpy as np
+    import collapse
+    import mup
+    cfg, _, evals = read_run(run_dir)
+    n_tot = cfg["N"] + VOCAB * cfg["n_embd"]
+    ev = [e for e in evals if e["step"] > 0]
+    steps = np.array([e["step"] for e in ev], float)
+    eta = mup.lr_factor(steps, cfg["T"], cfg["schedule"], cfg["warmup"], cfg["final_lr_frac"], cfg["wsd_decay"])
+    c = collapse.Curve(os.path.basename(os.path.normpath(run_dir)), steps * cfg["B"] / cfg["D"],
+                       np.array([e["val"][domain] for e in ev], float), float(n_tot), cfg["seed"], cfg["schedule"],
+                       tpp or cfg["D"] / n_tot, cfg["tau"], cfg["warmup"], eta / max(eta.max(), 1e-30),
+                       {"steps": cfg["T"]})
+    c.B = cfg["B"]   # tokens per step, for the CSV
+    return c
+
+
+def write_curves_csv(curves, path):
+    """Long CSV in the format `python collapse.py analyze --runs=PATH` reads: run, tokens, step, loss, size (N +
+    embedding), seed, schedule, tpp, tau, lr (relative to the peak); x = tokens / the run's last tokens."""
+    import csv
+    with open(path + ".tmp", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["run", "tokens", "step", "loss", "size", "seed", "schedule", "tpp", "tau", "lr"])
+        for c in curves:
+            T = c.lr_args["steps"]
+            for x, l, e in zip(c.x, c.loss, c.eta):
+                wr.writerow([c.name, round(x * T) * c.B, round(x * T), f"{l:.6f}", int(c.size), c.seed, c.schedule, f"{c.tpp:.6g}",
+                             f"{c.tau:.6g}", f"{e:.6g}"])
+    os.replace(path + ".tmp", path)
+    return path

@@ -1,95 +1,191 @@
 """
-Experiment 4 — a Chinchilla-form scaling law (SPEC §5) fitted to the final losses of the collapse family
-(experiment 3's τ_opt runs at TPP 20, both seeds) plus the same recipe at TPP 5 and 60, and the compute-optimal
-tokens per parameter it implies.
+Experiment 4 — a scaling grid that brackets the compute-optimal point (SPEC §5): widths 16-64 at depth 2 ×
+tokens-per-parameter 10 … 160 (N counted with the tied embedding), the recipe of experiment 3 (`common.recipe_flags`:
+τ = τ_opt(TPP), d2z, η = 2^-6 under CompleteP, batch 1,024), a Chinchilla fit with bootstrap intervals, iso-FLOP
+curves, and the compute-optimal TPP at this scale.
 
     python experiments/scaling_law.py [--quick]
 
 Claim (Hoffmann et al. 2022; Besiroglu et al. 2024): L(N, D) = E + A/N^α + B/D^β fits final losses, and the
-compute-optimal D/N is ≈20 (Besiroglu's refit: α 0.348, β 0.366).
+compute-optimal D/N is ≈20.
 """
+import sys
 import time
 
 import numpy as np
 
-from common import family_flags, plt, quick, read_run, save_json, savefig, train_run  # noqa: I001 (sets sys.path)
+from common import RUNS, finished, n_params, plt, quick, read_run, recipe_flags, save_json, savefig, train_run, VOCAB  # noqa: I001
 import scaling
 
-GRID = {5.0: [16, 24] if quick() else [16, 24, 32, 48], 60.0: [16] if quick() else [16, 24, 32],
-        20.0: [16, 24] if quick() else [16, 24, 32, 48]}
-SEEDS = {20.0: [0, 1]}            # TPP 20 = experiment 3's family, which has two seeds
-
-t0 = time.time()
-pts = []
-for tpp, widths in GRID.items():
-    for w in widths:
-        for s in SEEDS.get(tpp, [0]):
-            name = f"collapse/opt_w{w}_s{s}" if tpp == 20.0 else f"scaling/tpp{tpp:g}_w{w}_s{s}"
-            cfg, _, evals = read_run(train_run(name, **family_flags(w, s, tpp, tau="opt")))
-            pts.append(dict(run=name, w=w, tpp=tpp, seed=s, N=cfg["N"], D=cfg["D"], loss=evals[-1]["val"]["prose"]))
-            print(f"  {name}: N={cfg['N']:,} D={cfg['D']:,} val {pts[-1]['loss']:.4f}")
-
-N, D, L = (np.array([p[k] for p in pts], float) for k in ("N", "D", "loss"))
-fit = scaling.fit_law("chinchilla", {"N": N, "D": D}, L, bootstrap=0 if quick() else 200)
-p = fit.params
-print("fit:", {k: round(v, 4) for k, v in p.items()}, "CI:", fit.ci)
+WIDTHS = [16, 24] if quick() else [16, 24, 32, 48, 64]
+TPPS = [5.0, 10.0, 20.0] if quick() else [10.0, 20.0, 40.0, 80.0, 160.0]
+ANALYZE_ONLY = "--analyze-only" in sys.argv[1:]   # no training: fit whatever grid runs are finished
+SKIP = set() if quick() else {(64, 40.0), (64, 80.0), (64, 160.0)}   # the costliest cells (CPU time; see REPORT)
 
 
-def law(N, D):   # L = E + A/N^α + B/D^β from the reported parameters; computed here because scaling.Fit.predict
-    # rejects its own fit when E underflows to exactly 0.0 (log_E → −∞), see REPORT.md "Bugs found"
+def run_name(w, tpp, seed=0):
+    return f"grid/tpp{tpp:g}_w{w}_s{seed}"
+
+
+# added after the first pass: at every compute level the loss still fell with TPP up to 160, so the smallest sizes
+# go further to put a size past the optimum on the iso-FLOP curves
+EXTRA = set() if quick() else {(16, 320.0), (16, 640.0), (24, 320.0)}
+
+
+def grid_cells():
+    """(width, TPP) cells, cheapest first, so that a partial grid is already usable."""
+    cells = [(w, t) for t in TPPS for w in WIDTHS if (w, t) not in SKIP] + sorted(EXTRA)
+    return sorted(cells, key=lambda c: c[1] * n_params(c[0])[1])
+
+
+def law(p, N, D):
     return p["E"] + p["A"] * np.asarray(N, float) ** -p["alpha"] + p["B"] * np.asarray(D, float) ** -p["beta"]
 
 
-pred = law(N, D)
-rel_err = pred / L - 1
-
-
-def optimal(C):   # SPEC §5: N_opt = G (C/6)^(β/(α+β)), G = (αA/(βB))^(1/(α+β)), D_opt = C/(6 N_opt)
+def optimal_tpp(p, C):
+    """SPEC §5: N_opt = G (C/6)^(β/(α+β)), G = (αA/(βB))^(1/(α+β)), D_opt = C/(6 N_opt); returns D_opt/N_opt."""
     a, b = p["alpha"], p["beta"]
     G = (a * p["A"] / (b * p["B"])) ** (1 / (a + b))
-    n = G * (C / 6) ** (b / (a + b))
-    return n, C / (6 * n)
+    n = G * (np.asarray(C, float) / 6) ** (b / (a + b))
+    return np.asarray(C, float) / (6 * n) / n
 
 
-# sensitivity: count the (tied) embedding too, as Chinchilla does; at d = 16 it is 257·16 = 4,112 = 63% of N
-N_tot = N + np.array([257 * q["w"] for q in pts], float)
-fit_tot = scaling.fit_law("chinchilla", {"N": N_tot, "D": D}, L)
-print("fit with embeddings counted:", {k: round(v, 4) for k, v in fit_tot.params.items()})
+def bootstrap_tpp(N, D, L, p, C, reps=200, seed=0):
+    """Percentile bootstrap of the compute-optimal TPP at compute C: refit on resampled points from 3^5 starts around
+    the full-data fit and 2^5 − 1 others (scaling.fit_law reports parameter intervals only)."""
+    g = {"log_E": [np.log(max(p["E"], 1e-3)), 0.3], "log_A": [np.log(p["A"]), np.log(p["A"]) + 2.0],
+         "log_B": [np.log(p["B"]), np.log(p["B"]) + 2.0], "alpha": [p["alpha"], 1.5 * p["alpha"]],
+         "beta": [p["beta"], 1.5 * p["beta"]]}
+    rng = np.random.default_rng(seed)
+    out, params = [], []
+    for _ in range(reps):
+        i = rng.integers(0, len(L), len(L))
+        if len(set(N[i])) < 3 or len(set(D[i] / N[i])) < 3:
+            continue
+        try:
+            with np.errstate(all="ignore"):
+                q = scaling.fit_law("chinchilla", {"N": N[i], "D": D[i]}, L[i], grid=g).params
+        except (OverflowError, scaling.ScalingError):
+            continue   # a replicate whose fit runs off to infinity is dropped (counted in n_boot)
+        params.append(q)
+        out.append(optimal_tpp(q, C))
+    return np.array(out), params
 
-C_range = [6 * n * d for n, d in zip(N, D)]
-opt = [{"C": float(c), "N_opt": float(optimal(c)[0]), "TPP_opt": float(optimal(c)[1] / optimal(c)[0])}
-       for c in np.geomspace(min(C_range), max(C_range), 5)]
-p_main, p = p, fit_tot.params
-opt_tot = [{"C": float(c), "N_opt": float(optimal(c)[0]), "TPP_opt": float(optimal(c)[1] / optimal(c)[0])}
-           for c in np.geomspace(min(C_range), max(C_range), 5)]
-p = p_main
-for o in opt_tot:
-    print(f"(embeddings counted) C={o['C']:.3g}: N_opt={o['N_opt']:,.0f}, compute-optimal TPP {o['TPP_opt']:.1f}")
-for o in opt:
-    print(f"C={o['C']:.3g}: N_opt={o['N_opt']:,.0f}, compute-optimal TPP {o['TPP_opt']:.1f}")
 
-P = plt()
-fig, axes = P.subplots(1, 2, figsize=(11, 4))
-Ns = np.geomspace(N.min() / 1.5, N.max() * 1.5, 50)
-for i, tpp in enumerate(GRID):
-    sel = np.array([q["tpp"] == tpp for q in pts])
-    axes[0].scatter(N[sel], L[sel], color=f"C{i}", label=f"TPP {tpp:g}")
-    axes[0].plot(Ns, law(Ns, tpp * Ns), color=f"C{i}", lw=1)
-axes[0].set_xscale("log")
-axes[0].set_xlabel("N (non-embedding params)")
-axes[0].set_ylabel("final val loss (prose, nats/byte)")
-axes[0].set_title(f"E={p['E']:.3f} A={p['A']:.3g} α={p['alpha']:.3f} B={p['B']:.3g} β={p['beta']:.3f}")
-axes[0].legend()
-axes[1].plot([o["C"] for o in opt], [o["TPP_opt"] for o in opt], marker="o", label="fit on non-embedding N")
-axes[1].plot([o["C"] for o in opt_tot], [o["TPP_opt"] for o in opt_tot], marker="s", label="fit on N + embedding")
-axes[1].set_yscale("log")
-axes[1].axhline(20, color="gray", ls=":", label="Chinchilla ≈20")
-axes[1].set_xscale("log")
-axes[1].set_xlabel("compute C = 6ND (FLOPs)")
-axes[1].set_ylabel("compute-optimal D/N")
-axes[1].legend()
-savefig(fig, "scaling_law")
-save_json("scaling_law", {"points": [dict(q, pred=float(pr)) for q, pr in zip(pts, pred)], "fit": p, "ci": fit.ci,
-                          "huber_sum": fit.loss, "max_abs_rel_err": float(np.abs(rel_err).max()),
-                          "optimal": opt, "fit_with_embeddings": fit_tot.params, "optimal_with_embeddings": opt_tot, "wall_s": time.time() - t0})
-print(f"done in {time.time() - t0:.0f}s")
+def isoflop(pts, levels):
+    """Approach 2 of Hoffmann et al.: for each size, L(D) interpolated linearly in (log D, log L) between its runs
+    (no extrapolation); at each compute level, a parabola in log N through the sizes that reach it; its vertex is
+    N_opt(C). Returns per level: the (N, L) points and the vertex (None when the minimum is at an end)."""
+    res = []
+    for C in levels:
+        pN, pL = [], []
+        for n in sorted({q["N"] for q in pts}):
+            q = sorted([r for r in pts if r["N"] == n], key=lambda r: r["D"])
+            d = C / (6 * n)
+            lD = np.log([r["D"] for r in q])
+            if q[0]["D"] <= d <= q[-1]["D"]:
+                pN.append(n)
+                pL.append(float(np.exp(np.interp(np.log(d), lD, np.log([r["loss"] for r in q])))))
+        row = {"C": float(C), "N": pN, "L": pL, "N_opt": None, "TPP_opt": None}
+        if len(pN) >= 3:
+            k = int(np.argmin(pL))
+            if 0 < k < len(pN) - 1:
+                c2, c1, c0 = np.polyfit(np.log(pN), np.log(pL), 2)
+                if c2 > 0:
+                    n_opt = float(np.exp(-c1 / (2 * c2)))
+                    row.update(N_opt=n_opt, TPP_opt=C / 6 / n_opt ** 2, L_opt=float(np.exp(np.polyval([c2, c1, c0], np.log(n_opt)))))
+        res.append(row)
+    return res
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    for w, tpp in grid_cells():
+        if not ANALYZE_ONLY:
+            train_run(run_name(w, tpp), **recipe_flags(w, 0, tpp))
+    print(f"grid trained in {time.time() - t0:.0f}s", flush=True)
+    pts = []
+    for w, tpp in grid_cells():
+        if not finished(f"{RUNS}/{run_name(w, tpp)}"):
+            continue
+        cfg, _, evals = read_run(f"{RUNS}/{run_name(w, tpp)}")
+        n_tot = cfg["N"] + VOCAB * w
+        pts.append(dict(run=run_name(w, tpp), w=w, tpp=tpp, N=n_tot, N_nonemb=cfg["N"], D=cfg["D"],
+                        loss=evals[-1]["val"]["prose"], train_loss_end=None))
+    N, D, L = (np.array([q[k] for q in pts], float) for k in ("N", "D", "loss"))
+    Nn = np.array([q["N_nonemb"] for q in pts], float)
+    C_fam = np.geomspace((6 * N * D).min(), (6 * N * D).max(), 5)
+    fits = {}
+    for label, NN in (("N_total", N), ("N_nonembedding", Nn)):
+        fit = scaling.fit_law("chinchilla", {"N": NN, "D": D}, L, bootstrap=0 if quick() else 200)
+        p = fit.params
+        C = np.geomspace((6 * NN * D).min(), (6 * NN * D).max(), 5)
+        tpp_opt = optimal_tpp(p, C)
+        boot, _ = bootstrap_tpp(NN, D, L, p, C, reps=10 if quick() else (100 if label == "N_total" else 0))
+        ci = np.percentile(boot, [2.5, 97.5], axis=0) if len(boot) else np.full((2, len(C)), np.nan)
+        pred = law(p, NN, D)
+        fits[label] = {"params": p, "param_ci": fit.ci, "huber_sum": fit.loss, "n_boot": len(boot),
+                       "max_abs_rel_err": float(np.abs(pred / L - 1).max()), "rms_rel_err": float(np.sqrt(np.mean((pred / L - 1) ** 2))),
+                       "optimal": [{"C": float(c), "TPP_opt": float(t), "ci95": [float(a), float(b)]}
+                                   for c, t, a, b in zip(C, tpp_opt, ci[0], ci[1])]}
+        print(f"fit on {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in p.items()) +
+              f"; max |rel err| {100 * fits[label]['max_abs_rel_err']:.2f}%")
+        for o in fits[label]["optimal"]:
+            print(f"   C={o['C']:.3g}: compute-optimal TPP {o['TPP_opt']:.1f} [{o['ci95'][0]:.1f}, {o['ci95'][1]:.1f}]")
+    # iso-FLOP curves on the total-parameter count (C = 6·N·D), compute levels inside the grid
+    levels = np.geomspace(1e10, 2e12, 16) if not quick() else np.geomspace(6 * 1e9, 6 * 4e9, 3)
+    iso = isoflop(pts, levels)
+    # their uncertainty: every final loss × exp(SEED_SD · z), z ~ N(0, 1), 500 times (one seed per cell here;
+    # SEED_SD = 1%, the seed-to-seed spread measured for this recipe: 0.85-2.6% at TPP 10, 3 seeds, d16-32)
+    SEED_SD, rng = 0.01, np.random.default_rng(0)
+    reps = [isoflop([dict(q, loss=q["loss"] * float(np.exp(SEED_SD * rng.standard_normal()))) for q in pts], levels)
+            for _ in range(50 if quick() else 500)]
+    for j, r in enumerate(iso):
+        t = np.array([rr[j]["TPP_opt"] for rr in reps if rr[j]["TPP_opt"] is not None])
+        r["boot_interior_frac"] = len(t) / len(reps)
+        r["TPP_opt_ci95"] = [float(v) for v in np.percentile(t, [2.5, 97.5])] if len(t) >= 20 else None
+        print(f"iso-FLOP C={r['C']:.3g}: sizes {len(r['N'])}, N_opt " + ("edge" if r["N_opt"] is None else
+              f"{r['N_opt']:,.0f}, TPP_opt {r['TPP_opt']:.1f} {r['TPP_opt_ci95']} (interior in {100 * r['boot_interior_frac']:.0f}% of replicates)"))
+
+    P = plt()
+    fig, axes = P.subplots(1, 3, figsize=(16, 4.5))
+    p = fits["N_total"]["params"]
+    for i, w in enumerate(WIDTHS):
+        sel = np.array([q["w"] == w for q in pts])
+        axes[0].scatter(D[sel] / N[sel], L[sel], color=f"C{i}", label=f"d{w} (N {N[sel][0]:,.0f})")
+        tt = np.geomspace(5, 700, 50)
+        axes[0].plot(tt, law(p, N[sel][0], tt * N[sel][0]), color=f"C{i}", lw=1)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("tokens per parameter (N with embedding)")
+    axes[0].set_ylabel("final val loss (prose, nats/byte)")
+    axes[0].set_title("grid and Chinchilla fit: " + ", ".join(f"{k} {v:.3g}" for k, v in p.items()), fontsize=8)
+    axes[0].legend(fontsize=7)
+    for j, r in enumerate(iso):
+        if len(r["N"]) >= 2:
+            axes[1].plot(r["N"], r["L"], marker="o", color=P.cm.viridis(j / len(iso)), lw=1, label=f"C={r['C']:.2g}")
+            if r["N_opt"]:
+                axes[1].plot([r["N_opt"]], [r["L_opt"]], "k*", ms=9)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("N (with embedding)")
+    axes[1].set_ylabel("val loss at compute C (interpolated along D)")
+    axes[1].set_title("iso-FLOP curves (★ parabola vertex)")
+    axes[1].legend(fontsize=6)
+    for label, m in (("N_total", "o"), ("N_nonembedding", "s")):
+        o = fits[label]["optimal"]
+        c = [q["C"] for q in o]
+        axes[2].plot(c, [q["TPP_opt"] for q in o], marker=m, label=f"Chinchilla fit, {label}")
+        axes[2].fill_between(c, [q["ci95"][0] for q in o], [q["ci95"][1] for q in o], alpha=0.2)
+    ic = [r for r in iso if r["N_opt"]]
+    axes[2].errorbar([r["C"] for r in ic], [r["TPP_opt"] for r in ic], fmt="k*", ms=9, label="iso-FLOP vertices (N total)",
+                     yerr=np.abs(np.array([r["TPP_opt_ci95"] or [r["TPP_opt"]] * 2 for r in ic]).T - [r["TPP_opt"] for r in ic]))
+    axes[2].axhline(20, color="gray", ls=":", label="Chinchilla ≈20")
+    axes[2].set_xscale("log")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("compute C = 6ND (FLOPs)")
+    axes[2].set_ylabel("compute-optimal D/N")
+    axes[2].legend(fontsize=7)
+    savefig(fig, "scaling_law")
+    save_json("scaling_law", {"widths": WIDTHS, "tpps": TPPS, "skipped": sorted(SKIP), "extra": sorted(EXTRA),
+                              "points": pts, "fits": fits, "isoflop": iso, "isoflop_seed_sd": SEED_SD,
+                              "wall_s": time.time() - t0})
+    print(f"done in {time.time() - t0:.0f}s")
