@@ -99,6 +99,10 @@ class TrainError(Exception):
     """A setting or file the run cannot work with (one sentence)."""
 
 
+# tokens per validation batch, fixed: runs of any batch size (a family under B_opt(D), say) and any seed are scored
+# on the same windows whenever they share the first sequence length
+VAL_TOKENS = 1024  # the batch every experiment in experiments/ used, so their runs reproduce
+
 # keys a resumed run may change: how it runs, not what it computes
 RESUME_KEYS = {"init_from", "out_dir", "stop_at", "device", "compile", "log_interval", "sample_tokens", "collapse_ref",
                "activation_checkpointing", "memory_plan", "strategy"}
@@ -601,7 +605,7 @@ def main(argv):
     # -------- the run directory: config.json, log.jsonl, the collapse monitor
     # seed 0 for every run: runs of different seeds are scored on the same validation text
     eval_T = seq_lens[0][0]
-    val = {d: data_mod.val_batches(ds, eval_T, cfg.eval_batches, max(1, micro // eval_T), seed=0)
+    val = {d: data_mod.val_batches(ds, eval_T, cfg.eval_batches, max(1, VAL_TOKENS // eval_T), seed=0)
            for d, ds in domains.items()}
     run_info = dict(dataclasses.asdict(cfg), N=N, D=D, TPP=D / N, B=B, steps=steps, tau=taus.get("hidden"),
                     tau_groups=taus, lr_groups={g["name"]: g["lr"] for g in optimizer.param_groups},
