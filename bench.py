@@ -53,8 +53,8 @@ def chinchilla_objective(N, D, L, delta):
 
 
 def bench_scaling(points=240, scipy_starts=300, repeats=2, seed=0):
-    """Chinchilla Approach 3 on synthetic data: scaling.fit_law's batched L-BFGS over the full
-    4,500-start grid (Hoffmann et al. 2022, Approach 3) against SciPy's L-BFGS-B looped over the same starts, the reference.
+    """Chinchilla Approach 3 on synthetic data: scaling.fit_law's batched L-BFGS over the full 4,500-start grid
+    (Hoffmann et al. 2022, Approach 3) against SciPy's L-BFGS-B looped over the same starts, the reference.
     SciPy is timed on a random subset of the starts and extrapolated linearly to all of them."""
     import itertools
     import math
@@ -249,7 +249,7 @@ def mpt_rates(T, B, dtype):
     """tok/s of our d = 384 model and of Hugging Face's MPT (ALiBi) at the same shape, one training step each on the
     same batch shape, alternated (ours, MPT, ours, ...) in one process so that the shared machine's load hits both.
     Runs in the peer's environment: bench_mpt calls it through a subprocess, so transformers never enters ours."""
-    torch = _torch_setup()
+    _torch_setup()
     from transformers import MptConfig, MptForCausalLM
     cfg = MptConfig(d_model=D384["n_embd"], n_heads=D384["n_head"], n_layers=D384["n_layer"],
                     vocab_size=D384["vocab_size"], max_seq_len=T, expansion_ratio=4, attn_config={"alibi": True})
@@ -326,7 +326,8 @@ def peak_rss_step(what, T, B):
 
 
 def _peak_mib(what, T, B):
-    return _subprocess_json(sys.executable, f"import bench, json; print(json.dumps(bench.peak_rss_step({what!r}, {T}, {B})))")
+    return _subprocess_json(sys.executable,
+                            f"import bench, json; print(json.dumps(bench.peak_rss_step({what!r}, {T}, {B})))")
 
 
 def bench_memory():

@@ -59,7 +59,8 @@ def lr_shape(x, schedule, warmup=0.0, final_lr_frac=0.0085, wsd_decay=0.2, steps
 
 def nq_variance(x, tau, schedule="d2z", warmup=0.05, kappa=1.0):
     """Noisy-quadratic variance v(x), in units of its constant-LR stationary value: dv/dx = (2η/τ)(η − v), v(0) = κ,
-    relaxing towards η(x) at the AdamW rate 2η(x)/τ; with η ≡ 1 it is the constant-LR closed form (1 − e^(−2x/τ)) + κ·e^(−2x/τ) (docs/science.md §7).
+    relaxing towards η(x) at the AdamW rate 2η(x)/τ; with η ≡ 1 it is the constant-LR closed form
+    (1 − e^(−2x/τ)) + κ·e^(−2x/τ) (docs/science.md §7).
     Solved exactly on a fine grid: v = e^−A·(κ + ∫(2η²/τ)e^A), A = (2/τ)∫η."""
     f = np.linspace(0.0, 1.0, 20001)
     eta = lr_shape(f, schedule, warmup)
@@ -151,7 +152,8 @@ def load_run(path):
                           cfg.get("N"), cfg.get("seed"), cfg.get("schedule"), cfg.get("TPP"), cfg.get("tau"),
                           cfg.get("warmup") or 0.0, num("lr"),
                           {k: cfg[k] for k in ("final_lr_frac", "wsd_decay") if isinstance(cfg.get(k), (int, float))}
-                          | ({"steps": cfg["steps"]} if isinstance(cfg.get("steps"), int) and cfg["steps"] > 0 else {})),
+                          | ({"steps": cfg["steps"]}
+                             if isinstance(cfg.get("steps"), int) and cfg["steps"] > 0 else {})),
                     path)
 
 
@@ -398,7 +400,8 @@ def param_reference(fit, c):
 # live monitor
 
 class CollapseMonitor:
-    """Compares a live run with the normalised shape of healthy reference runs (Bergsma et al. 2025: their 1.8B run's numerics bug).
+    """Compares a live run with the normalised shape of healthy reference runs (Bergsma et al. 2025: their 1.8B run's
+    numerics bug).
     L(1) of a live run is unknown, so each update fits it as `forecast` does, on the points seen so far with
     x_min ≤ x ≤ fit_until; after fit_until the implied L(1) stays frozen, so a pathology that starts later
     cannot be absorbed into the scale (one that starts earlier is partly absorbed: the price of not knowing L(1)).

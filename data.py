@@ -159,7 +159,8 @@ class HFStream:
             try:
                 from datasets import load_dataset
             except ImportError:
-                raise DataError(f"source hf:{name} needs the optional Hugging Face package: pip install datasets") from None
+                raise DataError(f"source hf:{name} needs the optional Hugging Face package: "
+                                "pip install datasets") from None
         self.name, self.text_field = name, text_field
         try:
             if os.path.isfile(name):  # one local file: its format's builder, as load_dataset does for a folder
@@ -169,7 +170,8 @@ class HFStream:
                 self.ds = load_dataset(name, split=split, streaming=True)
         except Exception as e:
             first_line = str(e).split("\n")[0]
-            raise DataError(f"Hugging Face dataset {name} could not be opened ({type(e).__name__}: {first_line})") from None
+            raise DataError(f"Hugging Face dataset {name} could not be opened "
+                            f"({type(e).__name__}: {first_line})") from None
         if readers > 1:
             from datasets.distributed import split_dataset_by_node
             self.ds = split_dataset_by_node(self.ds, rank=reader, world_size=readers)

@@ -80,7 +80,8 @@ class Parameterisation:
         if kind == "hidden":
             return s if self.name == "sp" else s / math.sqrt(mN)
         if kind == "residual_out":
-            return {"sp": s / math.sqrt(2 * L), "mup": s / math.sqrt(mN * 2 * L), "completep": s / math.sqrt(mN)}[self.name]
+            return {"sp": s / math.sqrt(2 * L), "mup": s / math.sqrt(mN * 2 * L),
+                    "completep": s / math.sqrt(mN)}[self.name]
         raise MupError(f"unknown weight kind {kind!r}")
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
@@ -353,7 +354,8 @@ def main(argv):
         axis = "depths" if f.depths else "widths"
         print(f"coordinate check: {r['param']}, {axis} {r[axis]}, {r['steps']} steps at lr {r['lr']}")
         for k, s in r["slopes"].items():
-            print(f"  {k:10s} max |log-log slope| over steps: {s:.3f}   (slope at last step {r['final_slopes'][k]:+.3f})")
+            print(f"  {k:10s} max |log-log slope| over steps: {s:.3f}   "
+                  f"(slope at last step {r['final_slopes'][k]:+.3f})")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def powerlaw(x, p):
 def dcpt(x, p):
     """D-CPT law (Que et al. 2024): L(N, D, r) = E + A/N^alpha + B r^eta / D^beta + C/(r + eps)^gamma.
     r is the mixture share OF THE DOMAIN BEING MODELLED: 1 - replay for the target-domain loss, replay for
-    the base-domain loss (Que et al. 2024, arXiv 2406.01375); eps > 0 is fitted. No PTPP input: the PTPP-agnostic baseline."""
+    the base-domain loss (Que et al. 2024, arXiv 2406.01375); eps > 0 is fitted.
+    No PTPP input: the PTPP-agnostic baseline."""
     return _lse(p["log_E"], p["log_A"] - p["alpha"] * torch.log(x["N"]),
                 p["log_B"] + p["eta"] * _log(x["r"]) - p["beta"] * torch.log(x["D"]),
                 p["log_C"] - p["gamma"] * torch.log(x["r"] + torch.exp(p["log_eps"])))
@@ -91,7 +92,8 @@ class Law:
 _CPT_GRID = dict(log_E=[-1.0, 0.0, 1.0], log_A=[0.0, 5.0, 10.0], alpha=[0.3, 1.0], log_B=[0.0, 5.0, 10.0],
                  beta=[0.3, 1.0])
 LAWS = {
-    # Hoffmann et al. 2022's Approach 3 grid: alpha, beta in {0, .5, .., 2}, e in {-1, -.5, .., 1}, a, b in {0, 5, .., 25}: 4,500 starts
+    # Hoffmann et al. 2022's Approach 3 grid: alpha, beta in {0, .5, .., 2}, e in {-1, -.5, .., 1},
+    # a, b in {0, 5, .., 25}: 4,500 starts
     "chinchilla": Law(chinchilla, ("N", "D"), dict(log_E=np.arange(-1, 1.01, 0.5), log_A=np.arange(0, 26, 5.0),
                       log_B=np.arange(0, 26, 5.0), alpha=np.arange(0, 2.01, 0.5), beta=np.arange(0, 2.01, 0.5))),
     "powerlaw": Law(powerlaw, ("x",), dict(log_L0=[-1.0, 0.0, 1.0], log_a=np.arange(0, 26, 5.0),
@@ -281,8 +283,9 @@ def fit_law(law_name, columns, loss, bootstrap=0, grid=None, seed=0):
     return Fit(law_name, _public(dict(zip(names, theta.tolist()))), float(val), n, ci)
 
 def metrics(pred, actual, before=None):
-    """CPT forecast metrics (our definitions, docs/science.md §5): Huber-on-log (mean); MAE_rel = mean|L_hat - L| / mean|L - L_before| (None
-    without before); calibration slope: least squares of L on L_hat (ideal 1); RMSE; MAPE = 100 mean|L_hat - L| / L."""
+    """CPT forecast metrics (our definitions, docs/science.md §5): Huber-on-log (mean);
+    MAE_rel = mean|L_hat - L| / mean|L - L_before| (None without before); calibration slope: least squares of L on
+    L_hat (ideal 1); RMSE; MAPE = 100 mean|L_hat - L| / L."""
     p, a = np.asarray(pred, np.float64), np.asarray(actual, np.float64)
     err, dp, da = p - a, p - p.mean(), a - a.mean()
     gain = None if before is None else np.mean(np.abs(a - np.asarray(before, np.float64)))
@@ -331,8 +334,8 @@ def _read_json(path):
         raise ScalingError(f"cannot read {path}: {e}")
 
 def read_runs(path):
-    """CPT runs from one run directory or a folder of them (train.py's run directories): config.json's "cpt" block gives N,
-    PTPP, replay and the domain names; log.jsonl's eval at step 0 the "before" losses, its last the "after"."""
+    """CPT runs from one run directory or a folder of them (train.py's run directories): config.json's "cpt" block gives
+    N, PTPP, replay and the domain names; log.jsonl's eval at step 0 the "before" losses, its last the "after"."""
     is_run = lambda d: os.path.exists(os.path.join(d, "config.json"))
     dirs = [path] if is_run(path) else [d for d in sorted(os.path.join(path, n) for n in os.listdir(path)) if is_run(d)]
     rows = []

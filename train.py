@@ -10,9 +10,9 @@ pre-training (CPT) of a trained run on a new domain with replay. One file, nanoG
     torchrun --nproc_per_node=8 train.py config/btlm_3b_8k.py --strategy=fsdp --activation_checkpointing
     python train.py config/btlm_3b_8k.py --strategy=fsdp --memory_plan=8x80   # per-GPU memory before launch
 
-A run lives in out_dir: config.json (every setting, N, D, TPP, B, steps, η, λ, τ per group), log.jsonl (one JSON object a
-line) and the last `keep_last` checkpoints: ckpt_XXXXXXX.pt (one process, DDP) or a ckpt_XXXXXXX/ folder of
-Distributed Checkpoint shards (FSDP), each written under a temporary name and renamed.
+A run lives in out_dir: config.json (every setting, N, D, TPP, B, steps, η, λ, τ per group),
+log.jsonl (one JSON object a line) and the last `keep_last` checkpoints: ckpt_XXXXXXX.pt (one process, DDP) or a
+ckpt_XXXXXXX/ folder of Distributed Checkpoint shards (FSDP), each written under a temporary name and renamed.
 """
 import contextlib
 import dataclasses
@@ -179,7 +179,8 @@ def load_checkpoint(run_dir):
             return dict(torch.load(os.path.join(ck[-1], "meta.pt"), map_location="cpu", weights_only=False), dcp=ck[-1])
         return torch.load(ck[-1], map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
-        raise TrainError(f"checkpoint {ck[-1]} cannot be read ({type(e).__name__}); delete it to fall back to an older one")
+        raise TrainError(f"checkpoint {ck[-1]} cannot be read ({type(e).__name__}); "
+                         "delete it to fall back to an older one")
 
 
 def load_sharded(model, optimizer, path):

@@ -1,4 +1,5 @@
-# A Celerity-like model family (Bergsma et al. 2025, "Scaling with Collapse", arXiv 2509.25087), from one dial, the depth:
+# A Celerity-like model family (Bergsma et al. 2025, "Scaling with Collapse", arXiv 2509.25087),
+# from one dial, the depth:
 #   python train.py config/celerity.py --n_layer=4      (any --n_layer; everything else follows from it)
 # CompleteP, width 32·depth, 20 tokens per parameter, linear decay to zero with 10% warmup, batch from Power
 # Lines' B_opt(D), and weight decay set so that every group's AdamW timescale is τ (train.py --tau).

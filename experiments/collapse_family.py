@@ -17,7 +17,6 @@ Experiment 3 — loss-curve collapse of a family trained here (SPEC §6; Qiu et 
 """
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -150,12 +149,14 @@ for kind, (make, _) in FAULTS.items():
 D_of = lambda w: recipe_flags(w, 0, TPP, steps=STEPS)["tokens"]
 TAU_CTL = {w: mup.tau_opt(TPP) * D_of(MID) / D_of(w) for w in WIDTHS}
 lam = read_run(os.path.join(RUNS, name(FAM, MID, 0)))[0]["weight_decay"]   # that λ (base, embedding group)
-ctl_dirs = [timed("control", lambda: train_run(name(CTL, w, s), **recipe_flags(w, s, TPP, lr=LR, tau=TAU_CTL[w], steps=STEPS)))
+ctl_dirs = [timed("control", lambda: train_run(name(CTL, w, s),
+                                               **recipe_flags(w, s, TPP, lr=LR, tau=TAU_CTL[w], steps=STEPS)))
             for s in SEEDS for w in WIDTHS]
 # the same family at the sweep's best η (2^-3, τ still τ_opt): Qiu et al. see supercollapse only when tuned
 LR_TUNED = 2 ** -3
 tuned_dirs = [sweep_dirs[LR_TUNED] if (w, s) == (MID, 0) else
-              timed("tuned", lambda: train_run(name(FAM + "_lr-3", w, s), **recipe_flags(w, s, TPP, lr=LR_TUNED, steps=STEPS)))
+              timed("tuned", lambda: train_run(name(FAM + "_lr-3", w, s),
+                                               **recipe_flags(w, s, TPP, lr=LR_TUNED, steps=STEPS)))
               for s in SEEDS for w in WIDTHS]
 print(f"trained in {time.time() - t0:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in walls.items()), flush=True)
 
@@ -170,8 +171,8 @@ tun = C.load_curves(tun_csv)
 for c in fam + ctl + tun:
     c.seed = int(float(c.seed))
 
-out = {"widths": WIDTHS, "seeds": SEEDS, "tpp": TPP, "lr": LR, "tau": fam[0].tau, "control_lambda_at_mid": lam, "control_tau_by_width": TAU_CTL,
-       "control_tau": {c.name: c.tau for c in ctl if c.seed == 0},
+out = {"widths": WIDTHS, "seeds": SEEDS, "tpp": TPP, "lr": LR, "tau": fam[0].tau, "control_lambda_at_mid": lam,
+       "control_tau_by_width": TAU_CTL, "control_tau": {c.name: c.tau for c in ctl if c.seed == 0},
        "runs": {os.path.basename(d): {k: read_run(d)[0][k] for k in ("N", "D", "T", "B", "tau", "weight_decay")}
                 for d in fam_dirs + ctl_dirs + tuned_dirs + list(sweep_dirs.values()) + list(fault_dirs.values())},
        "final_val": {c.name: float(c.loss[-1]) for c in fam + ctl},
@@ -185,17 +186,20 @@ for fam_name, cs in (("family", fam), ("control", ctl), ("tuned", tun)):
         res, arr = stats(cs, off)
         table[f"{fam_name}_{off}"] = res
         arrays[f"{fam_name}_{off}"] = arr
-        print(f"{fam_name:8s} offset={off:4s} L0={res['L0']:.3f}  Δ {np.round(res['delta'], 4)}  σ {np.round(res['sigma'], 4)}"
+        print(f"{fam_name:8s} offset={off:4s} L0={res['L0']:.3f}  Δ {np.round(res['delta'], 4)}"
+              f"  σ {np.round(res['sigma'], 4)}"
               f"  Δ/σ on [{XS[0]}, {XS[1]}]: mean {res['ratio_mean']:.2f} max {res['ratio_max']:.2f}", flush=True)
 train_curves = [C.load_run(d) for d in fam_dirs]   # size = non-embedding N: only groups the seeds
 for off in ("none", "fit"):
     res, _ = stats(train_curves, off, window=9)
     table[f"family_trainloss_{off}"] = res
-    print(f"family, training loss (9-pt smoothing) offset={off}: Δ/σ mean {res['ratio_mean']:.2f} max {res['ratio_max']:.2f}")
+    print(f"family, training loss (9-pt smoothing) offset={off}: Δ/σ mean {res['ratio_mean']:.2f} "
+          f"max {res['ratio_max']:.2f}")
 # the same sizes with a fixed batch of 1,024 tokens (experiment 4's grid, seed 0: Δ without σ; T ∝ D), and the
 # fixed-step recipe at TPP 10 (probe, seed 0)
 grid_tpp = {}
-for t, pat in [(t, "grid/tpp%g_w%d_s0") for t in (10.0, 20.0, 40.0, 80.0)] + [(10.0, "collapse_probe/fixT105_tpp%g_w%d_s0")]:
+for t, pat in ([(t, "grid/tpp%g_w%d_s0") for t in (10.0, 20.0, 40.0, 80.0)]
+               + [(10.0, "collapse_probe/fixT105_tpp%g_w%d_s0")]):
     ds = [f"{RUNS}/" + pat % (t, w) for w in WIDTHS]
     if all(os.path.exists(os.path.join(d, "config.json")) for d in ds) and not quick():
         try:
@@ -222,7 +226,8 @@ for c in tun:   # the tuned family forecast from its own other sizes
     refs = [r for r in tun if r.size != c.size]
     r_plain = C.forecast_runs([c], refs, at=AT, shape="curve", force=True)["ranking"][0]
     tr = forecast_trend(c, refs)
-    fc.append({"run": c.name, "family": "tuned", "L1": float(c.loss[-1]), "L1_hat_trend": tr, "err_trend": tr / c.loss[-1] - 1,
+    fc.append({"run": c.name, "family": "tuned", "L1": float(c.loss[-1]), "L1_hat_trend": tr,
+               "err_trend": tr / c.loss[-1] - 1,
                "L1_hat_ratio": r_plain["L1_hat"], "err_ratio": r_plain["L1_hat"] / c.loss[-1] - 1,
                "L1_hat_L0": math.nan, "err_L0": math.nan, "L0_used": None})
 fsum = {}
@@ -248,7 +253,8 @@ for lr, d in sorted(sweep_dirs.items()):
                "L1_hat_L0": forecast_L0(c, refs)[0], "L1_hat_trend": forecast_trend(c, refs)})
 best = lambda k: min(sw, key=lambda r: r[k])["log2_lr"]
 out["sweep"] = {"width": MID, "runs": sw, "true_best": best("L1"), "picked_ratio": best("L1_hat_ratio"),
-                "picked_L0": best("L1_hat_L0"), "picked_trend": best("L1_hat_trend"), "picked_naive_at30": best("L_at30")}
+                "picked_L0": best("L1_hat_L0"), "picked_trend": best("L1_hat_trend"),
+                "picked_naive_at30": best("L_at30")}
 print("LR sweep at d%d: true best 2^%g, forecast picks 2^%g (L/L(1)) and 2^%g (L0), lowest loss at 30%%: 2^%g" %
       (MID, out["sweep"]["true_best"], out["sweep"]["picked_ratio"], out["sweep"]["picked_L0"],
        out["sweep"]["picked_naive_at30"]))
@@ -321,7 +327,8 @@ def val_monitor(c, margin=5.0):
     band = np.interp(c.x, vb_grid, vb) * margin / 5.0
     al = (np.abs(sm) > band) & (c.x >= 0.05)
     return {"x": c.x, "loss": c.loss, "smoothed": sm, "band": band, "n_alerts": int(al.sum()),
-            "first_alert": float(c.x[np.argmax(al)]) if al.any() else None, "max_ratio": float(np.max(np.abs(sm) / band))}
+            "first_alert": float(c.x[np.argmax(al)]) if al.any() else None,
+            "max_ratio": float(np.max(np.abs(sm) / band))}
 
 
 twins = {s: monitor(os.path.join(RUNS, name(FAM, MID, s))) for s in SEEDS}
@@ -349,19 +356,22 @@ for kind, d in fault_dirs.items():
         gap = {"fault": float(fv["loss"][k]), "twins": vt[:, k].tolist(),
                "excess_over_twin_mean": float(fv["loss"][k] / vt[:, k].mean() - 1)}
     out["fault"]["faults"][kind] = {
-        "kind": FAULTS[kind][1], "final_val": f["final_val"], "final_val_excess": float(f["final_val"] / tw_final.mean() - 1),
+        "kind": FAULTS[kind][1], "final_val": f["final_val"],
+        "final_val_excess": float(f["final_val"] / tw_final.mean() - 1),
         "live_first_alert_x": f["first_alert"], "live_n_alerts": f["n_alerts"],
         "live_max_residual_over_band": float(np.nanmax(np.abs(f["smoothed"]) / f["band"])),
         "val_first_alert_x": xa, "val_n_alerts": fv["n_alerts"], "val_max_residual_over_band": fv["max_ratio"],
         "val_at_alert": gap, "max_step_jump": float(np.max(np.abs(np.diff(f["loss"])))),
-        "val_first_alert_x_by_margin": {str(mg): val_monitor(val_curve(d, TPP), mg)["first_alert"] for mg in (3.0, 4.0, 5.0)}}
+        "val_first_alert_x_by_margin": {str(mg): val_monitor(val_curve(d, TPP), mg)["first_alert"]
+                                        for mg in (3.0, 4.0, 5.0)}}
     o = out["fault"]["faults"][kind]
     print(f"fault {kind} ({o['kind']}): final val {o['final_val']:.4f} vs twins {np.round(tw_final, 4)} "
           f"({100 * o['final_val_excess']:+.2f}%); live monitor first alert {o['live_first_alert_x']} "
           f"(max |residual|/band {o['live_max_residual_over_band']:.2f}); validation monitor first alert {xa} "
           f"({fv['n_alerts']} alerts); raw val at alert {gap}")
 print(f"twins: live false alerts {out['fault']['twins_false_alerts_live']}, validation-monitor false alerts "
-      f"{out['fault']['twins_false_alerts_val']} (max |residual|/band {out['fault']['twins_max_val_residual_over_band']})")
+      f"{out['fault']['twins_false_alerts_val']} (max |residual|/band "
+      f"{out['fault']['twins_max_val_residual_over_band']})")
 
 # ---- plots
 P = plt()
@@ -406,7 +416,8 @@ for i, t in twins_v.items():
 for j, (kind, fv) in enumerate(faults_v.items()):
     axes[1].plot(fv["x"], fv["smoothed"], color=f"C{j + 3}", lw=1, label=kind)
     if fv["first_alert"] is not None:
-        axes[1].axvline(fv["first_alert"], color=f"C{j + 3}", ls="-.", lw=0.8, label=f"{kind}: first alert x={fv['first_alert']:.2f}")
+        axes[1].axvline(fv["first_alert"], color=f"C{j + 3}", ls="-.", lw=0.8,
+                        label=f"{kind}: first alert x={fv['first_alert']:.2f}")
 axes[1].axvline(FAULT_AT, color="k", ls="--", lw=0.6)
 axes[1].set_ylim(-0.06, 0.08)
 axes[1].set_title("validation monitor: size-aware reference")

@@ -30,7 +30,8 @@ def read_run(run_dir):
 
 
 def finished(run_dir):
-    """A run is finished when its log ends with the eval line of its last step (config.json's steps; T in older runs)."""
+    """A run is finished when its log ends with the eval line of its last step (config.json's steps; T in older
+    runs)."""
     try:
         cfg, _, evals = read_run(run_dir)
     except (OSError, ValueError):
@@ -53,7 +54,8 @@ def train_run(name, quiet=True, patch=None, **flags):
         argv = [f"--out_dir={out}"] + [f"--{k}={v}" for k, v in flags.items()]
     t0 = time.time()
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf if quiet else sys.stdout), contextlib.redirect_stderr(buf if quiet else sys.stderr):
+    with (contextlib.redirect_stdout(buf if quiet else sys.stdout),
+          contextlib.redirect_stderr(buf if quiet else sys.stderr)):
         train.main(argv)
     cfg = json.load(open(os.path.join(out, "config.json")))
     alerts = [l for l in buf.getvalue().splitlines() if "collapse monitor" in l]
@@ -115,7 +117,8 @@ VOCAB = 257   # byte tokenizer; the token embedding is tied with the output laye
 
 
 def n_params(w, n_layer=2):
-    """(non-embedding N, N + embedding) of the depth-n_layer, 4-head CompleteP model of width w, as train.py builds it."""
+    """(non-embedding N, N + embedding) of the depth-n_layer, 4-head CompleteP model of width w, as train.py
+    builds it."""
     from model import GPT, get_preset
     m = GPT(get_preset("tiny", n_layer=n_layer, n_head=4, n_embd=w, param="completep", d_base=16, L_base=2))
     return m.num_params(), m.num_params(non_embedding=False)
@@ -174,7 +177,7 @@ def write_curves_csv(curves, path):
         for c in curves:
             T = c.lr_args["steps"]
             for x, l, e in zip(c.x, c.loss, c.eta):
-                wr.writerow([c.name, round(x * T) * c.B, round(x * T), f"{l:.6f}", int(c.size), c.seed, c.schedule, f"{c.tpp:.6g}",
-                             f"{c.tau:.6g}", f"{e:.6g}"])
+                wr.writerow([c.name, round(x * T) * c.B, round(x * T), f"{l:.6f}", int(c.size), c.seed, c.schedule,
+                             f"{c.tpp:.6g}", f"{c.tau:.6g}", f"{e:.6g}"])
     os.replace(path + ".tmp", path)
     return path

@@ -1,8 +1,9 @@
 """
-Experiment 5 — continual pre-training (Que et al. 2024; Goffinet et al. 2025): base models of one size pre-trained on English prose at three
-PTPPs, each adapted to Python code (stdlib) at three replay ratios × three token budgets; PTPP-aware laws fitted on
-the two lowest PTPPs predict every run at the highest, against the PTPP-agnostic D-CPT baseline; then the planner,
-fed those fits, picks (r, D) at the held-out PTPP and we compare its pick with the best run there.
+Experiment 5 — continual pre-training (Que et al. 2024; Goffinet et al. 2025): base models of one size pre-trained on
+English prose at three PTPPs, each adapted to Python code (stdlib) at three replay ratios × three token budgets;
+PTPP-aware laws fitted on the two lowest PTPPs predict every run at the highest, against the PTPP-agnostic
+D-CPT baseline; then the planner, fed those fits, picks (r, D) at the held-out PTPP and we compare its pick with the
+best run there.
 
     python experiments/cpt.py [--quick]
 
@@ -42,8 +43,9 @@ for ptpp, base in bases.items():
                             batch_tokens=1024, seq_len_schedule=128, schedule="d2z", warmup=0.1, weight_decay=0.1,
                             eval_interval=10_000, eval_batches=16, log_interval=10, seed=0)
             cfg, _, evals = read_run(run)
-            rows.append(dict(run=os.path.basename(run), N=cfg["cpt"]["base_N"], ptpp=cfg["cpt"]["base_ptpp"], D=cfg["D"],
-                             replay=r, target_loss=evals[-1]["val"]["stdlib"], base_loss=evals[-1]["val"]["prose"],
+            rows.append(dict(run=os.path.basename(run), N=cfg["cpt"]["base_N"], ptpp=cfg["cpt"]["base_ptpp"],
+                             D=cfg["D"], replay=r,
+                             target_loss=evals[-1]["val"]["stdlib"], base_loss=evals[-1]["val"]["prose"],
                              target_loss_before=evals[0]["val"]["stdlib"], base_loss_before=evals[0]["val"]["prose"]))
 os.makedirs(RESULTS, exist_ok=True)
 csv_path = os.path.join(RESULTS, "cpt_runs.csv")
@@ -108,7 +110,8 @@ for law in scaling.CPT_LAWS:
         plans[law] = dict(error=str(e))
         print(f"plan {law}: {e}")
         continue
-    near = min(test, key=lambda q: (abs(q["replay"] - pl["r"]), abs(np.log(q["D"] / pl["D"]))))  # the run closest to the pick
+    # the run closest to the pick
+    near = min(test, key=lambda q: (abs(q["replay"] - pl["r"]), abs(np.log(q["D"] / pl["D"]))))
     plans[law] = dict(pick=pl, nearest_run=near["run"], nearest_target=near["target_loss"],
                       nearest_forgetting=forget(near), regret=near["target_loss"] - best["target_loss"])
     print(f"plan {law}: r={pl['r']:.2f} D={pl['D']:,.0f} predicted target {pl['target_loss']:.3f} "

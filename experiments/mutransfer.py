@@ -77,8 +77,9 @@ savefig(fig, "mutransfer_lr")
 save_json("mutransfer", {"widths": WIDTHS, "log2_lrs": LOG2_LRS, "steps": STEPS, "batch_tokens": 1024,
                          "n_layer": 2, "N": N, "val_loss": {p: {str(w): {str(k): v for k, v in loss[p][w].items()}
                                                                  for w in WIDTHS} for p in PARAMS},
-                         "seeds": SEEDS, "val_loss_per_seed": {p: {str(w): {str(k): v for k, v in per_seed[p][w].items()}
-                                                                   for w in WIDTHS} for p in PARAMS},
+                         "seeds": SEEDS,
+                         "val_loss_per_seed": {p: {str(w): {str(k): v for k, v in per_seed[p][w].items()}
+                                                   for w in WIDTHS} for p in PARAMS},
                          "best_log2_lr": best, "best_log2_lr_per_seed": best_seed, "shift_log2": shift,
                          "coord_final_slopes": {p: coord[p]["final_slopes"] for p in PARAMS},
                          "coord_max_slopes": {p: coord[p]["slopes"] for p in PARAMS},

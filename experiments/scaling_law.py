@@ -93,7 +93,8 @@ def isoflop(pts, levels):
                 c2, c1, c0 = np.polyfit(np.log(pN), np.log(pL), 2)
                 if c2 > 0:
                     n_opt = float(np.exp(-c1 / (2 * c2)))
-                    row.update(N_opt=n_opt, TPP_opt=C / 6 / n_opt ** 2, L_opt=float(np.exp(np.polyval([c2, c1, c0], np.log(n_opt)))))
+                    row.update(N_opt=n_opt, TPP_opt=C / 6 / n_opt ** 2,
+                               L_opt=float(np.exp(np.polyval([c2, c1, c0], np.log(n_opt)))))
         res.append(row)
     return res
 
@@ -125,7 +126,8 @@ if __name__ == "__main__":
         ci = np.percentile(boot, [2.5, 97.5], axis=0) if len(boot) else np.full((2, len(C)), np.nan)
         pred = law(p, NN, D)
         fits[label] = {"params": p, "param_ci": fit.ci, "huber_sum": fit.loss, "n_boot": len(boot),
-                       "max_abs_rel_err": float(np.abs(pred / L - 1).max()), "rms_rel_err": float(np.sqrt(np.mean((pred / L - 1) ** 2))),
+                       "max_abs_rel_err": float(np.abs(pred / L - 1).max()),
+                       "rms_rel_err": float(np.sqrt(np.mean((pred / L - 1) ** 2))),
                        "optimal": [{"C": float(c), "TPP_opt": float(t), "ci95": [float(a), float(b)]}
                                    for c, t, a, b in zip(C, tpp_opt, ci[0], ci[1])]}
         print(f"fit on {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in p.items()) +
@@ -145,7 +147,8 @@ if __name__ == "__main__":
         r["boot_interior_frac"] = len(t) / len(reps)
         r["TPP_opt_ci95"] = [float(v) for v in np.percentile(t, [2.5, 97.5])] if len(t) >= 20 else None
         print(f"iso-FLOP C={r['C']:.3g}: sizes {len(r['N'])}, N_opt " + ("edge" if r["N_opt"] is None else
-              f"{r['N_opt']:,.0f}, TPP_opt {r['TPP_opt']:.1f} {r['TPP_opt_ci95']} (interior in {100 * r['boot_interior_frac']:.0f}% of replicates)"))
+              f"{r['N_opt']:,.0f}, TPP_opt {r['TPP_opt']:.1f} {r['TPP_opt_ci95']} "
+              f"(interior in {100 * r['boot_interior_frac']:.0f}% of replicates)"))
 
     P = plt()
     fig, axes = P.subplots(1, 3, figsize=(16, 4.5))
@@ -176,8 +179,10 @@ if __name__ == "__main__":
         axes[2].plot(c, [q["TPP_opt"] for q in o], marker=m, label=f"Chinchilla fit, {label}")
         axes[2].fill_between(c, [q["ci95"][0] for q in o], [q["ci95"][1] for q in o], alpha=0.2)
     ic = [r for r in iso if r["N_opt"]]
-    axes[2].errorbar([r["C"] for r in ic], [r["TPP_opt"] for r in ic], fmt="k*", ms=9, label="iso-FLOP vertices (N total)",
-                     yerr=np.abs(np.array([r["TPP_opt_ci95"] or [r["TPP_opt"]] * 2 for r in ic]).T - [r["TPP_opt"] for r in ic]))
+    axes[2].errorbar([r["C"] for r in ic], [r["TPP_opt"] for r in ic], fmt="k*", ms=9,
+                     label="iso-FLOP vertices (N total)",
+                     yerr=np.abs(np.array([r["TPP_opt_ci95"] or [r["TPP_opt"]] * 2 for r in ic]).T
+                                 - [r["TPP_opt"] for r in ic]))
     axes[2].axhline(20, color="gray", ls=":", label="Chinchilla ≈20")
     axes[2].set_xscale("log")
     axes[2].set_yscale("log")
