@@ -28,6 +28,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, ROOT)
 
 import collapse
+import coord
 import data
 import data as data_mod
 import hf
@@ -298,7 +299,7 @@ def test_bad_model_configs_are_one_sentence_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# mup.py: the parameterisation table, the BTLM numbers, the coordinate check
+# mup.py and coord.py: the parameterisation table, the BTLM numbers, the coordinate check
 
 def test_btlm_mup_values():
     with torch.device("meta"):
@@ -345,8 +346,8 @@ def test_initialisation_follows_the_parameterisation():
 
 
 def test_coordinate_check_width_mup_flat_sp_grows():
-    r_mup = mup.coord_check("mup", widths=(64, 128, 256), steps=4)
-    r_sp = mup.coord_check("sp", widths=(64, 128, 256), steps=4)
+    r_mup = coord.coord_check("mup", widths=(64, 128, 256), steps=4)
+    r_sp = coord.coord_check("sp", widths=(64, 128, 256), steps=4)
     for kind in ("attn", "mlp", "residual_delta"):
         # measured: µP ≤ 0.18, SP ≥ 1.1 (lr 1e-3, 4 steps); 0.25 vs 0.8 separates them with margin
         assert r_mup["slopes"][kind] < 0.25, (kind, r_mup["slopes"])
@@ -354,8 +355,8 @@ def test_coordinate_check_width_mup_flat_sp_grows():
 
 
 def test_coordinate_check_depth_completep_flat_mup_grows():
-    cp = mup.coord_check("completep", depths=(2, 4, 8), steps=4)
-    mp = mup.coord_check("mup", depths=(2, 4, 8), steps=4)
+    cp = coord.coord_check("completep", depths=(2, 4, 8), steps=4)
+    mp = coord.coord_check("mup", depths=(2, 4, 8), steps=4)
     # measured: how far the last block's output moved after 4 steps grows like L^1.0 under µP, ~L^-0.1 under CompleteP
     assert abs(cp["final_slopes"]["residual_delta"]) < 0.3
     assert mp["final_slopes"]["residual_delta"] > 0.6
@@ -363,20 +364,20 @@ def test_coordinate_check_depth_completep_flat_mup_grows():
 
 @pytest.mark.slow
 def test_mup_cli_json_and_bad_flags(tmp_path):
-    rc, out, err = run_cli("mup.py", "coord", "--param=mup", "--widths=64,128", "--steps=2", "--json",
+    rc, out, err = run_cli("coord.py", "--param=mup", "--widths=64,128", "--steps=2", "--json",
                            f"--plot={tmp_path / 'c.png'}")
     assert rc == 0, err
     r = json.loads(out)
     assert r["param"] == "mup" and r["widths"] == [64, 128]
     assert set(r["slopes"]) >= {"embedding", "attn", "mlp", "logits"}
     assert (tmp_path / "c.png").stat().st_size > 1000
-    rc, out, err = run_cli("mup.py", "coord", "--width=64")
+    rc, out, err = run_cli("coord.py", "--width=64")
     assert rc == 2 and err == "error: unrecognized arguments: --width=64 (see --help)\n"  # no prefix matching
-    rc, out, err = run_cli("mup.py", "coord", "--json=yes")  # booleans: --json, --json=true, --json=false
+    rc, out, err = run_cli("coord.py", "--json=yes")  # booleans: --json, --json=true, --json=false
     assert rc == 2 and err == "error: argument --json: invalid boolean value: 'yes' (see --help)\n"
-    rc, out, err = run_cli("mup.py", "coord", "--param=ntk")
+    rc, out, err = run_cli("coord.py", "--param=ntk")
     assert rc == 2 and "unknown parameterisation 'ntk'" in err
-    rc, out, err = run_cli("mup.py", "coord", "--widths=0,64")
+    rc, out, err = run_cli("coord.py", "--widths=0,64")
     assert rc == 2 and "positive" in err
 
 
@@ -2319,7 +2320,7 @@ def test_bad_input_is_one_sentence(tmp_path):
 
 @pytest.mark.parametrize("command, shows", [
     ("train.py", "--out_dir"), ("sample.py", "--run"), ("data.py", "--source"), ("bench.py", "--only"),
-    ("mup.py", "coord"), ("mup.py coord", "--widths"), ("scaling.py", "optimal"),
+    ("coord.py", "--widths"), ("scaling.py", "optimal"),
     ("scaling.py plan", "--max_forgetting"), ("collapse.py", "forecast"), ("collapse.py analyze", "--offset")])
 @pytest.mark.slow
 def test_help_exits_0_and_lists_the_flags(command, shows):
@@ -2327,7 +2328,7 @@ def test_help_exits_0_and_lists_the_flags(command, shows):
     assert rc == 0 and shows in out and "Traceback" not in err, (out, err)
 
 
-@pytest.mark.parametrize("command", ["train.py", "sample.py", "data.py", "bench.py", "mup.py coord",
+@pytest.mark.parametrize("command", ["train.py", "sample.py", "data.py", "bench.py", "coord.py",
                                      "scaling.py fit --law=chinchilla --data=x.csv", "collapse.py analyze --runs=x"])
 @pytest.mark.slow
 def test_a_bad_flag_is_one_line_and_exit_2(command):

@@ -1,6 +1,6 @@
 """
 Experiment 1 — µTransfer (Yang et al. 2022): sweep the base LR over powers of two at several widths under SP and µP and
-watch where the best LR lands; plus the coordinate check (mup.py coord) under both.
+watch where the best LR lands; plus the coordinate check (coord.py) under both.
 
     python experiments/mutransfer.py [--quick]
 
@@ -28,7 +28,7 @@ coord = {}
 os.makedirs(RESULTS, exist_ok=True)   # mup.py writes the plot but does not create its folder
 for p in PARAMS:
     png = f"{RESULTS}/mutransfer_coord_{p}.png"
-    out = subprocess.run([sys.executable, "mup.py", "coord", f"--param={p}", f"--widths={','.join(map(str, WIDTHS))}",
+    out = subprocess.run([sys.executable, "coord.py", f"--param={p}", f"--widths={','.join(map(str, WIDTHS))}",
                           "--steps=10", "--lr=1e-2", f"--plot={png}", "--json"], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     coord[p] = json.loads(out.stdout)
