@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from configurator import ArgumentParser
+from configurator import ArgumentParser, atomic, save_figure
 from mup import MupError, batch_opt, lr_factor, tau, tau_opt, weight_decay_for_tau  # the training side of the recipe
 
 X_REPORT = [0.25, 0.5, 0.75, 0.9]  # where Δ and σ are reported
@@ -535,22 +535,20 @@ def plot_collapse(curves, res, path):
     ax[0].legend(fontsize=6)
     ax[2].legend()
     try:
-        fig.savefig(path + ".tmp", format=os.path.splitext(path)[1][1:] or "png", dpi=110)
+        save_figure(fig, path, format=os.path.splitext(path)[1][1:] or "png")
     except ValueError:
         raise CollapseError(f"--plot={path}: unknown image format (use .png, .pdf or .svg)")
-    os.replace(path + ".tmp", path)
 
 
 def write_csv(curves, path):
     """Long CSV (run, step, loss, size, seed, schedule, tpp, tau, lr), written atomically."""
-    with open(path + ".tmp", "w", newline="") as f:
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "step", "loss", "size", "seed", "schedule", "tpp", "tau", "lr"])
         for c in curves:
             for i, (x, l) in enumerate(zip(c.x, c.loss)):
                 w.writerow([c.name, i + 1, repr(float(l)), c.size, c.seed, c.schedule, c.tpp, c.tau,
                             "" if c.eta is None else repr(float(c.eta[i]))])
-    os.replace(path + ".tmp", path)
 
 
 def floats(text):

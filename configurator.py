@@ -1,5 +1,5 @@
 """
-How every script here reads its settings, in one place.
+How every script here reads its settings, and writes its outputs, in one place.
 
 train.py and sample.py, nanoGPT style: a dataclass of defaults, then config files (Python files of `key = value`),
 then `--key=value` flags, each checked against the default's type:
@@ -11,6 +11,7 @@ The tools with subcommands (data.py, mup.py, scaling.py, collapse.py, bench.py) 
 `--flag=true` / `--flag=false`.
 """
 import argparse
+import contextlib
 import inspect
 import os
 import re
@@ -123,3 +124,32 @@ class ArgumentParser(argparse.ArgumentParser):
     def add_bool(self, name, help=""):
         """A boolean flag: `--name` alone is true; `--name=true` / `--name=false` spell it out."""
         self.add_argument(name, nargs="?", const=True, default=False, type=boolean, metavar="true|false", help=help)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs: a file that exists under its real name is complete
+
+@contextlib.contextmanager
+def atomic(path):
+    """Yields a temporary name beside `path` and renames it to `path` when the block ends without an error (a rename
+    within one folder is atomic), so a crash never leaves a half-written file under the real name. The temporary name
+    keeps the extension, from which savefig reads the format."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def save_figure(fig, path, dpi=110, **kw):
+    """A matplotlib figure to `path` (PNG, or the format its extension names), atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+    try:
+        with atomic(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, **kw)
+    finally:
+        plt.close(fig)

@@ -10,12 +10,11 @@ depth for CompleteP.
 """
 import json
 import math
-import os
 import sys
 
 import torch
 
-from configurator import ArgumentParser
+from configurator import ArgumentParser, save_figure
 from model import GPT, GPTConfig
 from mup import PARAMS, MupError, param_groups
 
@@ -113,10 +112,7 @@ def plot_coord(result, path):
     axes[0].legend(fontsize=7)
     fig.suptitle(f"coordinate check, {result['param']}, lr {result['lr']}")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def ints(text):

@@ -36,7 +36,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tqdm import tqdm
 
-from configurator import ArgumentParser
+from configurator import ArgumentParser, atomic
 
 EOT = "<|endoftext|>"
 SHARD_TOKENS = 100_000_000  # fineweb-style shards, 200 MB each as uint16
@@ -464,9 +464,8 @@ def prepare(source, out, tokenizer="bytes", val_fraction=0.005, workers=1, overw
                 if resumable and time.time() - saved_at >= PROGRESS_SECONDS:
                     record = dict(args=args, state=state, writers={s: w[s].snapshot() for s in w}, n_bytes=n_bytes,
                                   replaced=stats["replaced"])
-                    with open(progress_path + ".tmp", "w") as f:
+                    with atomic(progress_path) as part, open(part, "w") as f:
                         json.dump(record, f)
-                    os.replace(progress_path + ".tmp", progress_path)
                     saved_at = time.time()
         seconds = time.time() - t0
         shards = w["train"].close() + w["val"].close()

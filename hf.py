@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from configurator import atomic
 from model import GPT, GPTConfig, ModelError, alibi_slopes
 from mup import BTLM_ALPHA_IN, BTLM_ALPHA_OUT, BTLM_D_BASE
 
@@ -146,12 +147,10 @@ def save_pretrained(model, folder):
     del sd["lm_head.weight"]  # tied: safetensors holds no aliased tensors; loaders take transformer.wte.weight
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "model.safetensors")
-    save_file({k: t.detach().cpu().contiguous() for k, t in sd.items()}, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
-    path = os.path.join(folder, "config.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic(path) as tmp:
+        save_file({k: t.detach().cpu().contiguous() for k, t in sd.items()}, tmp, metadata={"format": "pt"})
+    with atomic(os.path.join(folder, "config.json")) as tmp, open(tmp, "w") as f:
         json.dump(hf, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def _load_hf(sd, hf, conv1d, dtype, device, copy):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import ArgumentParser
+from configurator import ArgumentParser, atomic, save_figure
 
 DELTA = 1e-3  # Huber delta on log residuals (Hoffmann et al. 2022; Besiroglu et al. 2024)
 
@@ -444,8 +444,7 @@ def _figure(path, ncols):  # yields a row of ncols axes; saved to a temporary na
     fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
     yield axes[0]
     fig.tight_layout()
-    fig.savefig(path + ".tmp", format="png", dpi=120, bbox_inches="tight")
-    os.replace(path + ".tmp", path)
+    save_figure(fig, path, dpi=120, format="png", bbox_inches="tight")
 
 def _json(obj):  # NaN is not JSON: report it as null
     if isinstance(obj, dict):
@@ -511,9 +510,8 @@ def cmd_cpt(data, train_ptpp, test_ptpp, save, json, plot):
         report.setdefault(law, {})[loss] = dict(m, params=fit.params)
         fits.setdefault(law, {})[loss] = fit.to_json()
     if save:  # the file `plan --fit=` reads; a temporary name, then rename: nothing half-written looks complete
-        with open(save + ".tmp", "w") as fh:
+        with atomic(save) as tmp, open(tmp, "w") as fh:
             fh.write(_json(fits))
-        os.replace(save + ".tmp", save)
     if json:
         print(_json(dict(train_ptpp=train_ptpp, test_ptpp=test_ptpp, n_train=int(train.sum()), n_test=int(test.sum()),
                          laws=report)))

@@ -36,7 +36,7 @@ import hf
 import model as model_mod
 import mup
 from collapse import CollapseError, CollapseMonitor
-from configurator import ConfigError, configure
+from configurator import ConfigError, atomic, configure
 from model import GPT, GPTConfig, ModelError, get_preset
 
 
@@ -138,8 +138,8 @@ def _drop_old(out_dir, keep_last):
 
 def save_checkpoint(out_dir, state, keep_last):
     path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)          # a checkpoint that exists is complete
+    with atomic(path) as tmp:                # a checkpoint that exists is complete
+        torch.save(state, tmp)
     _drop_old(out_dir, keep_last)
 
 
@@ -212,9 +212,8 @@ def model_from(ck):
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
+    with atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def code_version():
@@ -622,9 +621,8 @@ def main(argv):
         # a resumed run drops log lines written after its checkpoint, so the log reads as one uninterrupted run
         lines = open(log_path).read().splitlines() if os.path.exists(log_path) and step else []
         kept = [line for line in lines if json.loads(line)["step"] <= step]
-        with open(log_path + ".tmp", "w") as f:
+        with atomic(log_path) as tmp, open(tmp, "w") as f:
             f.write("".join(line + "\n" for line in kept))
-        os.replace(log_path + ".tmp", log_path)
         if monitor:  # replay the history so the monitor's fit of this run's scale is the same as without a break
             for r in map(json.loads, kept):
                 if "loss" in r:

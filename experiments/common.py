@@ -20,6 +20,7 @@ import torch  # noqa: E402
 # 1 thread: on this shared 2-core machine a tiny model ran 3-8x faster with 1 thread than with 2 (measured)
 torch.set_num_threads(1)
 import train  # noqa: E402
+from configurator import atomic, save_figure  # noqa: E402
 
 
 def read_run(run_dir):
@@ -67,20 +68,16 @@ def train_run(name, quiet=True, patch=None, **flags):
 def save_json(name, obj):
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name + ".json")
-    with open(path + ".tmp", "w") as f:
+    with atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
     return path
 
 
 def savefig(fig, name):
-    import matplotlib.pyplot as plt
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name + ".png")
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -158,11 +155,12 @@ def val_curve(run_dir, tpp=None, domain="prose"):
     n_tot = cfg["N"] + VOCAB * cfg["n_embd"]
     ev = [e for e in evals if e["step"] > 0]
     steps = np.array([e["step"] for e in ev], float)
-    eta = mup.lr_factor(steps, cfg["T"], cfg["schedule"], cfg["warmup"], cfg["final_lr_frac"], cfg["wsd_decay"])
+    n_steps = cfg.get("steps", cfg.get("T"))  # config.json's step count ("T" in runs made before it was renamed)
+    eta = mup.lr_factor(steps, n_steps, cfg["schedule"], cfg["warmup"], cfg["final_lr_frac"], cfg["wsd_decay"])
     c = collapse.Curve(os.path.basename(os.path.normpath(run_dir)), steps * cfg["B"] / cfg["D"],
                        np.array([e["val"][domain] for e in ev], float), float(n_tot), cfg["seed"], cfg["schedule"],
                        tpp or cfg["D"] / n_tot, cfg["tau"], cfg["warmup"], eta / max(eta.max(), 1e-30),
-                       {"steps": cfg["T"]})
+                       {"steps": n_steps})
     c.B = cfg["B"]   # tokens per step, for the CSV
     return c
 
@@ -171,7 +169,7 @@ def write_curves_csv(curves, path):
     """Long CSV in the format `python collapse.py analyze --runs=PATH` reads: run, tokens, step, loss, size (N +
     embedding), seed, schedule, tpp, tau, lr (relative to the peak); x = tokens / the run's last tokens."""
     import csv
-    with open(path + ".tmp", "w", newline="") as f:
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["run", "tokens", "step", "loss", "size", "seed", "schedule", "tpp", "tau", "lr"])
         for c in curves:
@@ -179,5 +177,4 @@ def write_curves_csv(curves, path):
             for x, l, e in zip(c.x, c.loss, c.eta):
                 wr.writerow([c.name, round(x * T) * c.B, round(x * T), f"{l:.6f}", int(c.size), c.seed, c.schedule,
                              f"{c.tpp:.6g}", f"{c.tau:.6g}", f"{e:.6g}"])
-    os.replace(path + ".tmp", path)
     return path
