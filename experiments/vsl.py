@@ -268,7 +268,8 @@ for domain, tokens, seeds, n_windows in DOMAINS:
         kinds = {f"near (<{SHORT} back)": dist < SHORT,
                  f"far only ({SHORT}-{LONG - 1} back)": (dist >= SHORT) & (dist < LONG),
                  f"none within {LONG - 1} back": dist >= LONG}
-        spans = {f"{SHORT}-{LONG}": (pos >= SHORT) & (pos < LONG), f"{LONG}-{EVAL_T}": pos >= LONG}
+        spans = {f"{END[0]}-{END[1]}": (pos >= END[0]) & (pos < END[1]),  # the end of the short window
+                 f"{SHORT}-{LONG}": (pos >= SHORT) & (pos < LONG), f"{LONG}-{EVAL_T}": pos >= LONG}
         results[domain]["share_of_targets"] = {f"{k} @ {s}": round(float(m[sel].mean()), 4)
                                                for k, m in kinds.items() for s, sel in spans.items()}
         results[domain]["loss_by_copy_distance"] = {
@@ -296,7 +297,7 @@ for domain, path, with_domain in ([("synth_copy", "vsl_by_position_v1.csv", Fals
                 w.writerow(([domain] if with_domain else []) + [name, seed, p, f"{v:.5f}", SHORT, LONG])
 
 fig, axes = plt().subplots(len(DOMAINS), 2, figsize=(13, 4 * len(DOMAINS)), squeeze=False)
-k = 16                                               # a 16-position running mean for readability
+k = 16 if V1 else 64                                 # a running mean for readability (v2: 32 windows only)
 for (domain, tokens, seeds, _), (ax, ax2) in zip(DOMAINS, axes):
     c = curves[domain]
     for (name, seed), v in c.items():
