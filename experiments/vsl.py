@@ -274,7 +274,7 @@ for domain, tokens, seeds, n_windows in DOMAINS:
                                                for k, m in kinds.items() for s, sel in spans.items()}
         results[domain]["loss_by_copy_distance"] = {
             f"{n}_s{s}": {f"{k} @ {sp}": round(float(L[m & sel].mean()), 4) for k, m in kinds.items()
-                          for sp, sel in spans.items()} for (n, s), L in losses.items()}
+                          for sp, sel in spans.items() if (m & sel).any()} for (n, s), L in losses.items()}
         results[domain]["last_layer_attention_on_copy_source_per_head"] = {
             f"{n}_s{s}": source_attention(os.path.join(RUNS, f"{RUN_DIR}/{domain}_{n}_s{s}"), rows, dist)
             for n, s in losses}
