@@ -284,7 +284,14 @@ def iter_synth_copy(stats, n_docs=500, n_chars=16384, seed=0, **kw):
     return (copy_document(np.random.default_rng([seed, i]), n_chars, **kw) for i in range(n_docs))
 
 
-SYNTHETIC = {"synth_copy": iter_synth_copy}
+def iter_synth_copy_far(stats, n_docs=500, n_chars=16384, seed=0, **kw):
+    """Domain 'synth_copy_far' (SYNTHETIC; experiments/vsl.py's v2 design, BTLM's 2,048 -> 8,192 regime scaled to
+    512 -> 2,048): as synth_copy, but far copies come from 600-2,000 symbols back, beyond a 512-token training
+    window (ALiBi penalty 2.3-7.8 logits on the flattest head, slope 2^-8), near ones still from 32-48 back."""
+    return iter_synth_copy(stats, n_docs, n_chars, seed, **{"far": (600, 2000), **kw})
+
+
+SYNTHETIC = {"synth_copy": iter_synth_copy, "synth_copy_far": iter_synth_copy_far}
 
 
 def iter_documents(source, stats, reader=0, readers=1):

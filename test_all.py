@@ -819,6 +819,25 @@ def test_synth_copy_is_a_labelled_synthetic_domain_of_near_and_far_copies(tmp_pa
     assert ds.meta["source"] == "synth_copy" and ds.sample("train", 512, [0.5]).max() < 128
 
 
+def test_synth_copy_far_puts_far_copies_beyond_a_512_window():
+    """experiments/vsl.py's v2 domain: near copies 32-48 back as in synth_copy, far ones 600-2,000 back (beyond a
+    512-token training window); a function of (seed, document) alone."""
+    docs = list(data.iter_synth_copy_far(None, n_docs=2, n_chars=20_000))
+    assert docs == list(data.iter_synth_copy_far(None, n_docs=2, n_chars=20_000))
+    assert docs[0] == data.copy_document(np.random.default_rng([0, 0]), 20_000, far=(600, 2000))
+    a = np.frombuffer(docs[0].encode("ascii"), np.uint8).astype(np.int64)
+    nearest = np.full(len(a), 10**9)
+    for d in range(1, 2049):
+        m = np.zeros(len(a), bool)
+        m[d + 2:] = (a[d + 2:] == a[2:-d]) & (a[d + 1:-1] == a[1:-d - 1]) & (a[d:-2] == a[:-d - 2])
+        nearest = np.where(m & (nearest > d), d, nearest)
+    share = lambda lo, hi: ((nearest >= lo) & (nearest < hi)).mean()
+    # measured 0.56 / 0.15 / 0.09: near copies dominate; 15% of symbols can be copied only from 600-2,000 back; 9%
+    # from 128-590 back (two far copies of one source, 600-2,000 back each, lie closer to each other)
+    assert share(1, 49) > 0.5 and 0.1 < share(600, 2001) < 0.2 and share(128, 600) < 0.12
+    assert "synth_copy_far" in data.SYNTHETIC and "synth_copy_far" not in data.BUILTIN
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # train.py: runs, VSL, CPT with replay, τ, exact resume, DDP, bad input
 

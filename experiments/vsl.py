@@ -1,26 +1,39 @@
 """
 Experiment 2 — variable sequence length (BTLM §3.1, §4.4; issue 14 §1). The claim: an ALiBi model trained only at
 the short length does not *use* context beyond it, while one that spends the last 25% of its tokens at the long
-length does, so its loss at positions between the short and the long length is lower (BTLM: 2,048 → 8,192; here
-128 → 512). Each domain: `short` (all tokens at 128) vs `vsl` (128 for 75% of tokens, then 512), the same tokens
-and one LR schedule, ≥ 2 seeds; then cross-entropy by position on fixed validation windows of 1,024 tokens.
+length does, so its loss at positions between the short and the long length is lower. Each domain: `short` (all
+tokens at the short length) vs `vsl` (short for 75% of tokens, then long), the same tokens and one LR schedule,
+≥ 2 seeds; then cross-entropy by position on fixed validation windows of 2× the long length.
 
-Two domains: `synth_copy`, a SYNTHETIC long-range domain built into data.py (random symbols in which 16–32-symbol
-spans reappear 32–48 or 128–512 symbols later, so a model that can reach back t tokens keeps gaining up to t = 512),
-and real Python code (`stdlib`).
+v2 (the default; BTLM's 2,048 → 8,192 regime scaled 4×, not 16×): 512 → 2,048 on `synth_copy_far`, a SYNTHETIC
+domain built into data.py (random symbols in which 16–32-symbol spans reappear 32–48 back, inside the short
+window, or 600–2,000 back, beyond it: 2.3–7.8 logits of ALiBi penalty on the flattest head, slope 2^-8, as BTLM's
+2k → 8k is 8–32). Batch 2,048 tokens (4 × 512, then 1 × 2,048), 4.1M tokens per run (after the base model),
+seeds 0, 1, 2, evaluated on windows of 4,096. A seed's short and vsl runs share their first 75% (the batches are a function of (seed,
+step), the model of its init and the batches): the vsl run is trained to the switch (step 1,500), its checkpoint
+is copied into the short run's directory with seq_len_schedule set to 512, and both continue from there. Both
+start from a model that already copies (v1's short-only synth_copy model of the same seed, trained only at 128):
+from scratch, 512-token training learned no copying in 3,250 steps.
 
-    python experiments/vsl.py [--quick]
+v1 (`--v1`, the first attempt, REPORT §2): 128 → 512 on `synth_copy` (far copies 128–512 back) and on real Python
+code (`stdlib`), batch 1,024, windows of 1,024.
 
-Writes results/vsl.json, results/vsl_by_position.csv (synth_copy: schedule, seed, position, loss, short_len,
-long_len), results/vsl_by_position_stdlib.csv (the same columns plus domain) and results/vsl_loss_by_position.png.
+    python experiments/vsl.py [--quick] [--v1]
+
+v2 writes results/vsl.json, results/vsl_by_position.csv (schedule, seed, position, loss, short_len, long_len)
+and results/vsl_loss_by_position.png; v1 results/vsl_v1.json, results/vsl_by_position_v1.csv (synth_copy),
+results/vsl_by_position_stdlib.csv (the same columns plus domain) and results/vsl_v1_loss_by_position.png.
 Resumable: finished runs are reused, and each run's per-position losses are cached in its run directory.
 """
+import contextlib
 import csv
 import json
 import os
+import shutil
+import sys
 import time
 
-from common import RESULTS, RUNS, plt, quick, save_json, savefig, train_run, train  # noqa: I001 (sets sys.path)
+from common import RESULTS, RUNS, finished, plt, quick, save_json, savefig, train_run, train  # noqa: I001 (sets sys.path)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,19 +41,36 @@ import torch.nn.functional as F
 import data as data_mod
 from model import GPT, GPTConfig
 
-SHORT, LONG = 128, 512
+V1 = "--v1" in sys.argv[1:]
+if V1:
+    SHORT, LONG, EVAL_T, PER_DOC, RUN_DIR, TAG = 128, 512, 1024, 16, "vsl", "_v1"
+    # (domain, tokens per run, seeds, evaluation windows). synth_copy needs ≈ 2-3M tokens before copying appears
+    # at all (induction heads); its evaluation windows come from 12 fresh documents (seed 1, never trained on), 16
+    # non-overlapping windows each; stdlib's from its val split.
+    DOMAINS = [("synth_copy", 300_000 if quick() else 8_000_000, [0] if quick() else [0, 1, 2], 16 if quick() else 192),
+               ("stdlib", 200_000 if quick() else 3_000_000, [0] if quick() else [0, 1], 16 if quick() else 48)]
+    BATCH = 1024
+else:
+    SHORT, LONG, EVAL_T, PER_DOC, RUN_DIR, TAG = 512, 2048, 4096, 4, "vsl2", ""
+    # Both schedules start from a model that already copies: v1's short-only synth_copy model of the same seed
+    # (8M tokens at 128, batch 1,024; trained here by train_run if missing). From scratch, 512-token training
+    # learned no copying: val 4.80-4.82 (uniform: 4.852) after 3,250 steps of 2,048 tokens, in two attempts.
+    # 2,000 steps of 2,048 tokens (4.1M), the switch to 2,048 exactly at step 1,500; 32 windows of 4,096 from 8
+    # fresh documents (seed 1), 4 per document.
+    DOMAINS = [("synth_copy_far", 2048 * 100 if quick() else 2048 * 2000, [0] if quick() else [0, 1, 2],
+                4 if quick() else 32)]
+    BATCH = 2048
+    BASE = ("synth_copy", 200_000 if quick() else 8_000_000, 1024)  # v1's short-only run: data, tokens, batch
 SCHEDULES = {"short": f"{SHORT}", "vsl": f"{SHORT}:0.75,{LONG}:0.25"}
-EVAL_T = 1024
-# (domain, tokens per run, seeds, evaluation windows). synth_copy needs ≈ 2-3M tokens before copying appears at
-# all (induction heads); its evaluation windows come from 12 fresh documents (seed 1, never trained on), 16
-# non-overlapping windows each; stdlib's from its val split.
-DOMAINS = [("synth_copy", 300_000 if quick() else 8_000_000, [0] if quick() else [0, 1, 2], 16 if quick() else 192),
-           ("stdlib", 200_000 if quick() else 3_000_000, [0] if quick() else [0, 1], 16 if quick() else 48)]
-MODEL = dict(n_layer=2, n_head=4, n_embd=64, param="mup", d_base=64, lr=1.2e-2, batch_tokens=1024,
+MODEL = dict(n_layer=2, n_head=4, n_embd=64, param="mup", d_base=64, lr=1.2e-2, batch_tokens=BATCH,
              schedule="linear", warmup=0.02, eval_batches=8, log_interval=100)
-BUCKETS = [0, 32, 64, 96, 128, 256, 384, 512, 768, 1024]
+BUCKETS = [0, SHORT // 4, SHORT // 2, SHORT * 3 // 4, SHORT, 2 * SHORT, 3 * SHORT, LONG, LONG * 3 // 2, 2 * LONG]
 FAR = (SHORT, LONG)          # the positions where the claim is tested
 END = (SHORT * 3 // 4, SHORT)  # the last quarter of the short window
+THIRD = (LONG - SHORT) // 3
+SEEDS_ARG = [a for a in sys.argv[1:] if a.startswith("--seeds=")]  # e.g. --seeds=0,1: a subset, to commit as we go
+if SEEDS_ARG:
+    DOMAINS = [(d, t, [int(x) for x in SEEDS_ARG[0].split("=")[1].split(",")], n) for d, t, _, n in DOMAINS]
 
 t0 = time.time()
 
@@ -53,11 +83,11 @@ def ensure_domain(name):
 
 
 def eval_windows(domain, n):
-    """n windows of EVAL_T + 1 tokens: synth_copy's from fresh documents (seed 1; training used seed 0), 16 per
-    document; real text's evenly spread over the val split."""
-    if domain == "synth_copy":
-        per_doc = 16
-        docs = data_mod.iter_synth_copy(None, n_docs=-(-n // per_doc), n_chars=per_doc * (EVAL_T + 1), seed=1)
+    """n windows of EVAL_T + 1 tokens: a synthetic domain's from fresh documents (seed 1; training used seed 0),
+    PER_DOC per document; real text's evenly spread over the val split."""
+    if domain in data_mod.SYNTHETIC:
+        per_doc = PER_DOC
+        docs = data_mod.SYNTHETIC[domain](None, n_docs=-(-n // per_doc), n_chars=per_doc * (EVAL_T + 1), seed=1)
         toks = np.concatenate([np.frombuffer(d.encode("ascii"), np.uint8).astype(np.int64) for d in docs])
         return toks[:n * (EVAL_T + 1)].reshape(n, EVAL_T + 1)
     return ensure_domain(domain).sample("val", EVAL_T, np.linspace(0, 1, n, endpoint=False))
@@ -75,9 +105,10 @@ def per_token_loss(run_dir, rows):
     model.load_state_dict(ck["model"])
     model.eval()
     out = []
-    for i in range(0, len(x), 8):
-        logits, _ = model(x[i:i + 8], y[i:i + 8])
-        out.append(F.cross_entropy(logits.float().transpose(1, 2), y[i:i + 8], reduction="none"))
+    b = max(1, 8192 // EVAL_T)
+    for i in range(0, len(x), b):
+        logits, _ = model(x[i:i + b], y[i:i + b])
+        out.append(F.cross_entropy(logits.float().transpose(1, 2), y[i:i + b], reduction="none"))
     c = torch.cat(out).numpy()
     np.save(cache, c)
     return c
@@ -96,7 +127,7 @@ def copy_distance(rows):
 
 
 @torch.no_grad()
-def source_attention(run_dir, rows, dist, n=48):
+def source_attention(run_dir, rows, dist, n=48 if V1 else 8):
     """Mechanism: the last layer's attention, per head, on the key a target would be copied from (the earlier
     occurrence of the target symbol, t + 1 - δ for a target at query t with copy distance δ), averaged over the
     near (< SHORT back) and far-only (SHORT..LONG-1 back) targets at query positions SHORT..LONG-1, on the first
@@ -111,13 +142,14 @@ def source_attention(run_dir, rows, dist, n=48):
     t = torch.arange(EVAL_T)
     sums, counts = {"near": 0, "far only": 0}, {"near": 0, "far only": 0}
     inside = (t >= SHORT) & (t < LONG)
-    for i in range(0, min(n, len(rows)), 4):
-        model(torch.from_numpy(rows[i:i + 4, :-1]))
+    b = max(1, 4096 // EVAL_T)
+    for i in range(0, min(n, len(rows)), b):
+        model(torch.from_numpy(rows[i:i + b, :-1]))
         B, T, C = got["qkv"].shape
         q, k, _ = (z.view(B, T, attn.n_head, -1).transpose(1, 2) for z in got["qkv"].split(C // 3, dim=2))
         att = (q @ k.transpose(-2, -1)) * attn.scale - attn.slopes[:, None, None] * (t[:, None] - t[None, :])
         att = att.masked_fill(t[None, :] > t[:, None], float("-inf")).softmax(-1)      # (B, H, T, T)
-        d = torch.from_numpy(np.minimum(dist[i:i + 4], EVAL_T))
+        d = torch.from_numpy(np.minimum(dist[i:i + b], EVAL_T))
         src = (t[None, :] + 1 - d).clamp(min=0)                                        # (B, T)
         w = att.gather(-1, src[:, None, :, None].expand(B, attn.n_head, T, 1))[..., 0]    # (B, H, T)
         for kind, m in (("near", d < SHORT), ("far only", (d >= SHORT) & (d < LONG))):
@@ -126,6 +158,60 @@ def source_attention(run_dir, rows, dist, n=48):
             counts[kind] += float(sel.sum())
     hook.remove()
     return {kind: [round(float(v), 3) for v in sums[kind] / max(counts[kind], 1)] for kind in sums}
+
+
+def _quiet_main(argv, name):
+    t = time.time()
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        train.main(argv)
+    print(f"  trained {name} to step {int(train.load_checkpoint(os.path.join(RUNS, name))['step']):,} "
+          f"in {time.time() - t:.0f}s", flush=True)
+
+
+def ckpt_step(run_dir):
+    cks = train.checkpoints(run_dir)
+    return int(os.path.basename(cks[-1])[5:12]) if cks else -1
+
+
+def train_pair(domain, tokens, seed):
+    """v2: a seed's short and vsl runs share their first 75% of steps (same init, same batches: Batches draws
+    step k's windows from (seed, k)). Train the vsl run to the switch, copy that checkpoint into the short run
+    with seq_len_schedule = SHORT, then finish both. Returns {schedule: run dir}."""
+    names = {n: f"{RUN_DIR}/{domain}_{n}_s{seed}" for n in SCHEDULES}
+    dirs = {n: os.path.join(RUNS, v) for n, v in names.items()}
+    steps = tokens // BATCH
+    switch = steps * 3 // 4
+    assert tokens % BATCH == 0 and steps % 4 == 0, "the switch must fall on a step boundary"
+    base_data, base_tokens, base_batch = BASE
+    ensure_domain(base_data)
+    base = train_run(f"vsl/{base_data}_short_s{seed}", data=base_data, tokens=base_tokens, seq_len_schedule="128",
+                     seed=seed, eval_interval=max(1, base_tokens // base_batch // 8),
+                     **{**MODEL, "batch_tokens": base_batch})
+    flags = dict(data=domain, tokens=tokens, seq_len_schedule=SCHEDULES["vsl"], seed=seed, init_from=base,
+                 eval_interval=max(1, steps // 8), sample_tokens=0, **MODEL)
+    if not finished(dirs["short"]) and not train.checkpoints(dirs["short"]):
+        v = dirs["vsl"]
+        if ckpt_step(v) < 0:
+            _quiet_main([f"--out_dir={v}"] + [f"--{k}={x}" for k, x in flags.items()] + [f"--stop_at={switch}"],
+                        names["vsl"])
+        elif ckpt_step(v) < switch:
+            _quiet_main([f"--out_dir={v}", "--init_from=resume", f"--stop_at={switch}"], names["vsl"])
+        src = os.path.join(v, f"ckpt_{switch:07d}.pt")
+        assert os.path.exists(src), f"{src} is missing: the shared prefix cannot be copied"
+        tmp = dirs["short"] + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        ck = torch.load(src, map_location="cpu", weights_only=False)
+        ck["config"].update(seq_len_schedule=SCHEDULES["short"], stop_at=0)
+        torch.save(ck, os.path.join(tmp, os.path.basename(src)))
+        lines = [l for l in open(os.path.join(v, "log.jsonl")) if l.strip() and json.loads(l)["step"] <= switch]
+        open(os.path.join(tmp, "log.jsonl"), "w").writelines(lines)
+        shutil.copy(os.path.join(v, "config.json"), os.path.join(tmp, "config.json"))  # rewritten on resume
+        os.replace(tmp, dirs["short"])
+    for n in ("short", "vsl"):
+        if not finished(dirs[n]):
+            _quiet_main([f"--out_dir={dirs[n]}", "--init_from=resume", "--stop_at=0"], names[n])
+    return dirs
 
 
 def mean(c, span):
@@ -138,9 +224,15 @@ for domain, tokens, seeds, n_windows in DOMAINS:
     rows = eval_windows(domain, n_windows)
     losses = {}
     for seed in seeds:
-        for name, sched in SCHEDULES.items():
-            run = train_run(f"vsl/{domain}_{name}_s{seed}", data=domain, tokens=tokens, seq_len_schedule=sched,
-                            seed=seed, eval_interval=max(1, tokens // MODEL["batch_tokens"] // 8), **MODEL)
+        if V1:
+            dirs = {name: train_run(f"{RUN_DIR}/{domain}_{name}_s{seed}", data=domain, tokens=tokens,
+                                    seq_len_schedule=sched, seed=seed,
+                                    eval_interval=max(1, tokens // MODEL["batch_tokens"] // 8), **MODEL)
+                    for name, sched in SCHEDULES.items()}
+        else:
+            dirs = train_pair(domain, tokens, seed)
+        for name in SCHEDULES:
+            run = dirs[name]
             losses[name, seed] = per_token_loss(run, rows)
     c = curves[domain] = {k: v.mean(0) for k, v in losses.items()}
     far = {k: mean(v, FAR) for k, v in c.items()}
@@ -165,32 +257,37 @@ for domain, tokens, seeds, n_windows in DOMAINS:
         "short_end_of_window_loss": [round(v, 4) for v in end_short],
         "short_far_no_better_than_end": bool(all(f >= e for f, e in zip(far_short, end_short))),
         # the precondition: the long-trained model's loss keeps falling past the short length
-        "vsl_loss_128_256_384_512": [[round(mean(c["vsl", s], (a, a + 128)), 4) for a in (128, 256, 384)]
-                                     for s in seeds],
+        f"vsl_loss_{'_'.join(str(SHORT + i * THIRD) for i in range(4))}": [
+            [round(mean(c["vsl", s], (a, a + THIRD)), 4) for a in range(SHORT, LONG, THIRD)] for s in seeds],
+        f"short_loss_{'_'.join(str(SHORT + i * THIRD) for i in range(4))}": [
+            [round(mean(c["short", s], (a, a + THIRD)), 4) for a in range(SHORT, LONG, THIRD)] for s in seeds],
     }
-    if domain == "synth_copy":  # loss by where the target can be copied from: the mechanism behind the curves
+    if domain in data_mod.SYNTHETIC:  # loss by where the target can be copied from: the mechanism behind the curves
         dist = copy_distance(rows)
         pos = np.broadcast_to(np.arange(EVAL_T), dist.shape)
-        kinds = {"near (<128 back)": dist < SHORT, "far only (128-511 back)": (dist >= SHORT) & (dist < LONG),
-                 "none within 511 back": dist >= LONG}
-        spans = {"128-512": (pos >= SHORT) & (pos < LONG), "512-1024": pos >= LONG}
+        kinds = {f"near (<{SHORT} back)": dist < SHORT,
+                 f"far only ({SHORT}-{LONG - 1} back)": (dist >= SHORT) & (dist < LONG),
+                 f"none within {LONG - 1} back": dist >= LONG}
+        spans = {f"{END[0]}-{END[1]}": (pos >= END[0]) & (pos < END[1]),  # the end of the short window
+                 f"{SHORT}-{LONG}": (pos >= SHORT) & (pos < LONG), f"{LONG}-{EVAL_T}": pos >= LONG}
         results[domain]["share_of_targets"] = {f"{k} @ {s}": round(float(m[sel].mean()), 4)
                                                for k, m in kinds.items() for s, sel in spans.items()}
         results[domain]["loss_by_copy_distance"] = {
             f"{n}_s{s}": {f"{k} @ {sp}": round(float(L[m & sel].mean()), 4) for k, m in kinds.items()
-                          for sp, sel in spans.items()} for (n, s), L in losses.items()}
+                          for sp, sel in spans.items() if (m & sel).any()} for (n, s), L in losses.items()}
         results[domain]["last_layer_attention_on_copy_source_per_head"] = {
-            f"{n}_s{s}": source_attention(os.path.join(RUNS, f"vsl/{domain}_{n}_s{s}"), rows, dist)
+            f"{n}_s{s}": source_attention(os.path.join(RUNS, f"{RUN_DIR}/{domain}_{n}_s{s}"), rows, dist)
             for n, s in losses}
     print(domain, json.dumps({k: results[domain][k] for k in ("far_loss", "vsl_gain_per_seed", "seed_spread",
                                                                "gain_over_3_spread", "gain_spread_paired",
                                                                "gain_over_3_paired_spread", "short_end_of_window_loss",
                                                                "short_far_no_better_than_end")}), flush=True)
 
-# per-position CSVs: the synthetic domain alone in the file the issue names, real text beside it (with a domain column)
+# per-position CSVs: v2's synthetic domain in the file the issue names; v1's and real text beside it
 os.makedirs(RESULTS, exist_ok=True)
-for domain, path, with_domain in [("synth_copy", "vsl_by_position.csv", False),
-                                  ("stdlib", "vsl_by_position_stdlib.csv", True)]:
+for domain, path, with_domain in ([("synth_copy", "vsl_by_position_v1.csv", False),
+                                   ("stdlib", "vsl_by_position_stdlib.csv", True)] if V1 else
+                                  [("synth_copy_far", "vsl_by_position.csv", False)]):
     with open(os.path.join(RESULTS, path), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow((["domain"] if with_domain else []) + ["schedule", "seed", "position", "loss", "short_len",
@@ -200,7 +297,7 @@ for domain, path, with_domain in [("synth_copy", "vsl_by_position.csv", False),
                 w.writerow(([domain] if with_domain else []) + [name, seed, p, f"{v:.5f}", SHORT, LONG])
 
 fig, axes = plt().subplots(len(DOMAINS), 2, figsize=(13, 4 * len(DOMAINS)), squeeze=False)
-k = 16                                               # a 16-position running mean for readability
+k = 16 if V1 else 64                                 # a running mean for readability (v2: 32 windows only)
 for (domain, tokens, seeds, _), (ax, ax2) in zip(DOMAINS, axes):
     c = curves[domain]
     for (name, seed), v in c.items():
@@ -212,7 +309,7 @@ for (domain, tokens, seeds, _), (ax, ax2) in zip(DOMAINS, axes):
             ax_.axvline(v, color="gray", ls=":", lw=1)
     ax.set_xlabel(f"position in a {EVAL_T:,}-token validation window")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"{domain}{' (SYNTHETIC)' if domain == 'synth_copy' else ''}: {tokens / 1e6:g}M tokens per run")
+    ax.set_title(f"{domain}{' (SYNTHETIC)' if domain in data_mod.SYNTHETIC else ''}: {tokens / 1e6:g}M tokens per run")
     ax.legend(fontsize=8)
     for seed in seeds:
         d = c["vsl", seed] - c["short", seed]
@@ -223,8 +320,8 @@ for (domain, tokens, seeds, _), (ax, ax2) in zip(DOMAINS, axes):
     ax2.set_ylabel("loss(vsl) − loss(short)")
     ax2.set_title("negative = VSL better")
     ax2.legend(fontsize=8)
-savefig(fig, "vsl_loss_by_position")
-save_json("vsl", {"schedules": SCHEDULES, "short_len": SHORT, "long_len": LONG, "eval_T": EVAL_T,
+savefig(fig, f"vsl{TAG}_loss_by_position")
+save_json(f"vsl{TAG}", {"schedules": SCHEDULES, "short_len": SHORT, "long_len": LONG, "eval_T": EVAL_T,
                   "model": MODEL, "domains": results,
                   # this invocation only: a rerun over finished runs and cached losses takes seconds
                   "wall_s_this_invocation": round(time.time() - t0)})
