@@ -6,14 +6,14 @@ tokens at the short length) vs `vsl` (short for 75% of tokens, then long), the s
 ≥ 2 seeds; then cross-entropy by position on fixed validation windows of 2× the long length.
 
 v2 (the default; BTLM's 2,048 → 8,192 regime scaled 4×, not 16×): 512 → 2,048 on `synth_copy_far`, a SYNTHETIC
-domain built into data.py (random symbols in which 16–32-symbol spans reappear 32–48 back, inside the short
-window, or 600–2,000 back, beyond it: 2.3–7.8 logits of ALiBi penalty on the flattest head, slope 2^-8, as BTLM's
-2k → 8k is 8–32). Batch 2,048 tokens (4 × 512, then 1 × 2,048), 4.1M tokens per run (after the base model),
-seeds 0, 1, 2, evaluated on windows of 4,096. A seed's short and vsl runs share their first 75% (the batches are a function of (seed,
-step), the model of its init and the batches): the vsl run is trained to the switch (step 1,500), its checkpoint
-is copied into the short run's directory with seq_len_schedule set to 512, and both continue from there. Both
-start from a model that already copies (v1's short-only synth_copy model of the same seed, trained only at 128):
-from scratch, 512-token training learned no copying in 3,250 steps.
+domain built into data.py (random symbols in which 16–32-symbol spans reappear 32–48 back, inside the short window,
+or 600–2,000 back, beyond it: 2.3–7.8 logits of ALiBi penalty on the flattest head, slope 2^-8, as BTLM's 2k → 8k is
+8–32). Batch 2,048 tokens (4 × 512, then 1 × 2,048), 4.1M tokens per run (after the base model), seeds 0, 1, 2,
+evaluated on windows of 4,096. A seed's short and vsl runs share their first 75% (the batches are a function of
+(seed, step), the model of its init and the batches): the vsl run is trained to the switch (step 1,500), its
+checkpoint is copied into the short run's directory with seq_len_schedule set to 512, and both continue from there.
+Both start from a model that already copies (v1's short-only synth_copy model of the same seed, trained only at
+128): from scratch, 512-token training learned no copying in 3,250 steps.
 
 v1 (`--v1`, the first attempt, REPORT §2): 128 → 512 on `synth_copy` (far copies 128–512 back) and on real Python
 code (`stdlib`), batch 1,024, windows of 1,024.
