@@ -740,6 +740,9 @@ def main(argv):
             out = raw.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50, generator=g)
         print("sample:\n" + enc.decode(out[0, 1:].tolist()))
     if torch.distributed.is_initialized():
+        # every rank waits here for the others (rank 0 may still be writing a checkpoint or a sample), so that no
+        # rank tears down its connections while another still uses them: gloo aborted such a rank (SIGABRT)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
