@@ -1,5 +1,6 @@
 """
-Experiment 3 — loss-curve collapse of a family trained here (SPEC §6; Qiu et al. 2025, Bergsma et al. 2025):
+Experiment 3 — loss-curve collapse of a family trained here (Qiu et al. 2025, arXiv 2507.02119;
+Bergsma et al. 2025, arXiv 2509.25087):
 
   * the family: widths 16-64 at depth 2 (N + embedding 10.7k-116k, 10.9x), 3 seeds, TPP and τ = τ_opt(TPP) fixed,
     linear decay to zero, curves = validation loss on fixed windows evaluated ≈50 times per run

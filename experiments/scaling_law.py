@@ -1,5 +1,6 @@
 """
-Experiment 4 — a scaling grid that brackets the compute-optimal point (SPEC §5): widths 16-64 at depth 2 ×
+Experiment 4 — a scaling grid that brackets the compute-optimal point (Hoffmann et al. 2022, Approach 3):
+widths 16-64 at depth 2 ×
 tokens-per-parameter 10 … 160 (N counted with the tied embedding), the recipe of experiment 3 (`common.recipe_flags`:
 τ = τ_opt(TPP), d2z, η = 2^-6 under CompleteP, batch 1,024), a Chinchilla fit with bootstrap intervals, iso-FLOP
 curves, and the compute-optimal TPP at this scale.
@@ -43,7 +44,8 @@ def law(p, N, D):
 
 
 def optimal_tpp(p, C):
-    """SPEC §5: N_opt = G (C/6)^(β/(α+β)), G = (αA/(βB))^(1/(α+β)), D_opt = C/(6 N_opt); returns D_opt/N_opt."""
+    """Hoffmann et al. 2022, Eq. 4: N_opt = G (C/6)^(β/(α+β)), G = (αA/(βB))^(1/(α+β)), D_opt = C/(6 N_opt);
+    returns D_opt/N_opt."""
     a, b = p["alpha"], p["beta"]
     G = (a * p["A"] / (b * p["B"])) ** (1 / (a + b))
     n = G * (np.asarray(C, float) / 6) ** (b / (a + b))
