@@ -480,14 +480,19 @@ def cmd_fit(law, data, bootstrap, json, plot):
         with _figure(plot, 1) as axes:
             _plot_pred(axes[0], fit.predict(**cols), cols["loss"], law)
 
+def compute_optimal(params, compute):
+    """(N_opt, D_opt) of a Chinchilla law at compute C ≈ 6ND (Hoffmann et al. 2022, Eq. 4):
+    N_opt = G·(C/6)^(β/(α+β)), G = (αA/(βB))^(1/(α+β)), D_opt = C/(6·N_opt); C may be an array."""
+    a, b = params["alpha"], params["beta"]
+    N = (a * params["A"] / (b * params["B"])) ** (1 / (a + b)) * (np.asarray(compute, float) / 6) ** (b / (a + b))
+    return N, np.asarray(compute, float) / (6 * N)
+
+
 def cmd_optimal(fit, compute, json):
     f = _load_fit(fit)
     if f.law != "chinchilla" or not compute > 0:
         raise ScalingError(f"optimal needs a chinchilla fit ({fit} holds {f.law}) and a positive --compute")
-    a, b = f.params["alpha"], f.params["beta"]
-    G = (a * f.params["A"] / (b * f.params["B"])) ** (1 / (a + b))  # Hoffmann et al. 2022, Eq. 4
-    N = G * (compute / 6) ** (b / (a + b))
-    D = compute / (6 * N)
+    N, D = (float(v) for v in compute_optimal(f.params, compute))
     out = dict(compute=compute, N=N, D=D, D_over_N=D / N, loss=float(f.predict(N=N, D=D)[0]))
     print(_json(out) if json else "  ".join(f"{k}={v:.4g}" for k, v in out.items()))
 

@@ -44,12 +44,9 @@ def law(p, N, D):
 
 
 def optimal_tpp(p, C):
-    """Hoffmann et al. 2022, Eq. 4: N_opt = G (C/6)^(β/(α+β)), G = (αA/(βB))^(1/(α+β)), D_opt = C/(6 N_opt);
-    returns D_opt/N_opt."""
-    a, b = p["alpha"], p["beta"]
-    G = (a * p["A"] / (b * p["B"])) ** (1 / (a + b))
-    n = G * (np.asarray(C, float) / 6) ** (b / (a + b))
-    return np.asarray(C, float) / (6 * n) / n
+    """The compute-optimal D/N of a Chinchilla law at compute C (scaling.compute_optimal)."""
+    N, D = scaling.compute_optimal(p, C)
+    return D / N
 
 
 def bootstrap_tpp(N, D, L, p, C, reps=200, seed=0):
