@@ -883,11 +883,6 @@ def test_lr_schedules():
         mup.lr_factor(3, 100, "exponential")
 
 
-def dataclasses_replace(c, **kw):
-    import dataclasses
-    return dataclasses.replace(c, **kw)
-
-
 def test_pretraining_run_directory_and_falling_loss(corpora, tmp_path):
     log = train(corpora, tmp_path / "a", "--max_iters=20", "--tau=0.5")
     cfg = json.load(open(tmp_path / "a" / "config.json"))
