@@ -5,15 +5,16 @@ length does, so its loss at positions between the short and the long length is l
 tokens at the short length) vs `vsl` (short for 75% of tokens, then long), the same tokens and one LR schedule,
 ≥ 2 seeds; then cross-entropy by position on fixed validation windows of 2× the long length.
 
-v2 (the default; BTLM's 2,048 → 8,192 regime scaled 4×, not 16×): 512 → 2,048 on `synth_copy_far`, a SYNTHETIC
+v3 (the default; BTLM's 2,048 → 8,192 regime scaled 4×, not 16×): 512 → 2,048 on `synth_copy_far`, a SYNTHETIC
 domain built into data.py (random symbols in which 16–32-symbol spans reappear 32–48 back, inside the short window,
 or 600–2,000 back, beyond it: 2.3–7.8 logits of ALiBi penalty on the flattest head, slope 2^-8, as BTLM's 2k → 8k is
-8–32). Batch 2,048 tokens (4 × 512, then 1 × 2,048), 4.1M tokens per run (after the base model), seeds 0, 1, 2,
+8–32). Batch 2,048 tokens (4 × 512, then 1 × 2,048), 8.2M tokens per run (after the base model), seeds 0, 1, 2,
 evaluated on windows of 4,096. A seed's short and vsl runs share their first 75% (the batches are a function of
-(seed, step), the model of its init and the batches): the vsl run is trained to the switch (step 1,500), its
+(seed, step), the model of its init and the batches): the vsl run is trained to the switch (step 3,000), its
 checkpoint is copied into the short run's directory with seq_len_schedule set to 512, and both continue from there.
-Both start from a model that already copies (v1's short-only synth_copy model of the same seed, trained only at
-128): from scratch, 512-token training learned no copying in 3,250 steps.
+Both start from a model that already copies (a short-only synth_copy model of the same seed, 12M tokens at 128):
+from scratch, 512-token training learned no copying in 3,250 steps. v2 (REPORT §2) was the same with half the
+tokens (4.1M, switch at 1,500) from v1's 8M-token bases.
 
 v1 (`--v1`, the first attempt, REPORT §2): 128 → 512 on `synth_copy` (far copies 128–512 back) and on real Python
 code (`stdlib`), batch 1,024, windows of 1,024.
@@ -51,16 +52,16 @@ if V1:
                ("stdlib", 200_000 if quick() else 3_000_000, [0] if quick() else [0, 1], 16 if quick() else 48)]
     BATCH = 1024
 else:
-    SHORT, LONG, EVAL_T, PER_DOC, RUN_DIR, TAG = 512, 2048, 4096, 4, "vsl2", ""
-    # Both schedules start from a model that already copies: v1's short-only synth_copy model of the same seed
-    # (8M tokens at 128, batch 1,024; trained here by train_run if missing). From scratch, 512-token training
-    # learned no copying: val 4.80-4.82 (uniform: 4.852) after 3,250 steps of 2,048 tokens, in two attempts.
-    # 2,000 steps of 2,048 tokens (4.1M), the switch to 2,048 exactly at step 1,500; 32 windows of 4,096 from 8
-    # fresh documents (seed 1), 4 per document.
-    DOMAINS = [("synth_copy_far", 2048 * 100 if quick() else 2048 * 2000, [0] if quick() else [0, 1, 2],
+    SHORT, LONG, EVAL_T, PER_DOC, RUN_DIR, TAG = 512, 2048, 4096, 4, "vsl3", ""
+    # Both schedules start from a model that already copies: a short-only synth_copy model of the same seed (12M
+    # tokens at 128, batch 1,024; v2 used v1's 8M-token runs, and its seed 2 had formed one copying head, not two).
+    # From scratch, 512-token training learned no copying: val 4.80-4.82 (uniform: 4.852) after 3,250 steps of
+    # 2,048 tokens, in two attempts. 4,000 steps of 2,048 tokens (8.2M; v2: 2,000), the switch to 2,048 exactly at
+    # step 3,000; 32 windows of 4,096 from 8 fresh documents (seed 1), 4 per document.
+    DOMAINS = [("synth_copy_far", 2048 * 100 if quick() else 2048 * 4000, [0] if quick() else [0, 1, 2],
                 4 if quick() else 32)]
     BATCH = 2048
-    BASE = ("synth_copy", 200_000 if quick() else 8_000_000, 1024)  # v1's short-only run: data, tokens, batch
+    BASE = ("synth_copy", 200_000 if quick() else 12_000_000, 1024)  # the base copier: data, tokens, batch
 SCHEDULES = {"short": f"{SHORT}", "vsl": f"{SHORT}:0.75,{LONG}:0.25"}
 MODEL = dict(n_layer=2, n_head=4, n_embd=64, param="mup", d_base=64, lr=1.2e-2, batch_tokens=BATCH,
              schedule="linear", warmup=0.02, eval_batches=8, log_interval=100)
@@ -184,7 +185,7 @@ def train_pair(domain, tokens, seed):
     assert tokens % BATCH == 0 and steps % 4 == 0, "the switch must fall on a step boundary"
     base_data, base_tokens, base_batch = BASE
     ensure_domain(base_data)
-    base = train_run(f"vsl/{base_data}_short_s{seed}", data=base_data, tokens=base_tokens, seq_len_schedule="128",
+    base = train_run(f"{RUN_DIR}/base_{base_data}_s{seed}", data=base_data, tokens=base_tokens, seq_len_schedule="128",
                      seed=seed, eval_interval=max(1, base_tokens // base_batch // 8),
                      **{**MODEL, "batch_tokens": base_batch})
     flags = dict(data=domain, tokens=tokens, seq_len_schedule=SCHEDULES["vsl"], seed=seed, init_from=base,
