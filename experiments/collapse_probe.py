@@ -5,8 +5,8 @@ seeds). Prints, per variant, Δ at x = 0.5 / 0.75 / 0.9, Δ's mean over x ∈ [0
 writes results/collapse_probe.json and results/collapse_probe_VARIANT.csv. Batches in whole sequences of 128
 (recipe_flags(quantum=128)), so that every size takes 417 steps within ±6% ("base" is the previous design so
 quantised). The first four variants run (base, nonemb, lr-4, bopt) were trained before recipe_flags rounded large
-batches to multiples of up to 8 sequences: a rerun from scratch gives them step counts that differ by up to 5%. Resumable; each variant ≈ 2-6 min of
-one core.
+batches to multiples of up to 8 sequences: a rerun from scratch gives them step counts that differ by up to 5%.
+Resumable; each variant ≈ 1-4 min of one core (TPP ∝ N: 5 min).
 
     python experiments/collapse_probe.py [VARIANT ...]      # default: every variant below
 """
@@ -46,6 +46,8 @@ def flags(v, w, seed=0):
         lr = 2 ** -4
     if v.endswith("lr-5"):
         lr = 2 ** -5
+    if v.endswith("lr-6.5"):
+        lr = 2 ** -6.5
     if v.endswith("lr-7"):
         lr = 2 ** -7
     if v.endswith("bopt"):          # steps ∝ D^0.617, i.e. B ∝ D^0.383
@@ -67,7 +69,7 @@ def flags(v, w, seed=0):
 
 VARIANTS = ["base", "nonemb", "lr-4", "bopt", "nonemb_bopt", "hd8", "nonemb_lr-4", "stepsdown", "tpp100", "lr-5",
             "nonemb_lr-5", "lr-7", "nonemb_lr-7", "code", "nonemb_code", "nonemb_tppN04", "nonemb_tppN10", "noclip",
-            "nonemb_noclip"]
+            "nonemb_noclip", "nonemb_code_lr-7", "nonemb_code_lr-6.5"]
 
 
 def probe(v):
