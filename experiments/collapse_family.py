@@ -250,7 +250,7 @@ def band(refs, make_ref, margin=MARGIN, x_min=0.05, interior=False):
     replays are extrapolations, 2-3× worse)."""
     px, ps = [], []
     sizes = sorted({r.size for r in refs})
-    for size in sizes[1:-1] if interior else sizes:
+    for size in sizes[1:-1] if interior and len(sizes) > 2 else sizes:   # --quick has 2 reference sizes
         ref = make_ref([r for r in refs if r.size != size])
         for c in [r for r in refs if r.size == size]:
             px.append(c.x[c.x >= x_min])
@@ -469,10 +469,11 @@ if __name__ == "__main__":
     axes[1].plot(bnd[0], -bnd[1], "k:")
     for i, c in enumerate(twins):
         axes[1].plot(c.x, track(c, ref), color="gray", lw=0.8, label="twins" if i == 0 else None)
+    colors = ["C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "C0"]   # not C7: the twins are gray
     for j, (kind, c) in enumerate(fault_curves.items()):
-        axes[0].plot(c.x, c.loss, color=f"C{j + 1}", lw=0.9, label=f"fault: {FAULTS[kind][1]}")
+        axes[0].plot(c.x, c.loss, color=colors[j], lw=0.9, label=f"fault: {FAULTS[kind][1]}")
         fa = out["fault"]["faults"][kind]["trend_interior"]["first_alert_x"]
-        axes[1].plot(c.x, track(c, ref), color=f"C{j + 1}", lw=1,
+        axes[1].plot(c.x, track(c, ref), color=colors[j], lw=1,
                      label=f"{kind}: first alert x = {fa:.2f}" if fa else f"{kind}: no alert")
     lo = min(c.loss[-1] for c in twins)
     axes[0].set_ylim(lo * 0.98, lo * 1.25)
