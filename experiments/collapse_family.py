@@ -179,6 +179,7 @@ def wd_off(at=FAULT_AT):
     return Fault(on, off)
 
 
+REPEAT = ["shard1", "shard2"]   # also run at seeds 1 and 2
 FAULTS = {"mix25": (lambda: mixture_shift(0.25), f"25% of the sequences from {OTHER} from x = 0.3"),
           "mix10": (lambda: mixture_shift(0.10), f"10% of the sequences from {OTHER} from x = 0.3"),
           "shard2": (lambda: shard_slice(0.02), "every window from the first 2% of the training set from x = 0.3"),
@@ -305,6 +306,12 @@ if __name__ == "__main__":
         with make():
             fault_dirs[kind] = timed("fault", lambda: train_run(name(FAULT, MID, 0, **{kind: FAULT_AT}),
                                                                 **family(MID, 0)))
+    repeat_dirs = {}   # the shard faults again at two more seeds: is the first alert a one-seed accident?
+    for kind in REPEAT:
+        with FAULTS[kind][0]():
+            for s in SEEDS[1:3]:
+                repeat_dirs[kind, s] = timed("fault", lambda: train_run(name(FAULT, MID, s, **{kind: FAULT_AT}),
+                                                                        **family(MID, s)))
     print(f"trained in {time.time() - t0:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in walls.items()), flush=True)
 
     # ---- curves and CSVs (the analysis reads the CSVs, so `collapse.py analyze` sees exactly these numbers)
@@ -432,6 +439,19 @@ if __name__ == "__main__":
               f"{o['trend_interior']['first_alert_x']} (trend ref, interior band; by margin 3/4/5: "
               f"{o['trend_interior']['first_alert_x_by_margin']}), {o['mean']['first_alert_x']} (mean ref); "
               f"raw val at alert {o['trend_interior']['val_at_alert']}", flush=True)
+
+    out["fault"]["repeats"] = {}
+    ref, bnd = mons["trend_interior"]
+    for (kind, s), d in repeat_dirs.items():
+        c = val_curve(d, TPP, DOMAIN)
+        r = out["fault"]["repeats"][f"{kind}_s{s}"] = {
+            "final_val": float(c.loss[-1]), "twin_final_val": float(twins[SEEDS.index(s)].loss[-1]),
+            "final_val_excess": float(c.loss[-1] / tw_final.mean() - 1),
+            "first_alert_x_by_margin": {str(mg): monitor(c, ref, bnd, mg)["first_alert"] for mg in (3.0, 4.0, 5.0)},
+            "max_residual_over_band": monitor(c, ref, bnd)["max_ratio"]}
+        print(f"fault {kind}, seed {s}: final val {r['final_val']:.4f} (its twin {r['twin_final_val']:.4f}; "
+              f"{100 * r['final_val_excess']:+.2f}% vs the twins' mean); first alert by margin 3/4/5 (interior band) "
+              f"{r['first_alert_x_by_margin']}", flush=True)
 
     # ---- plots
     P = plt()
