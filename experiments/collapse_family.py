@@ -2,17 +2,19 @@
 Experiment 3 — loss-curve collapse of a family trained here (Qiu et al. 2025, arXiv 2507.02119;
 Bergsma et al. 2025, arXiv 2509.25087), third design:
 
-  * the family: widths 16-64 at depth 2 (N + embedding 10.7k-116k, 10.9x), 5 seeds, `FAMILY` below: TPP counted on
+  * the family: widths 16-64 at depth 2 (N + embedding 10.7k-116k, 10.9x), 5 seeds, `family()` below: code, TPP on
     non-embedding N, τ = τ_opt(TPP) for every decayed group, linear decay to zero, every size ≈ 417 steps, curves =
-    validation loss on fixed windows evaluated ≈50 times per run; the recipe was chosen by the seed-0 probes of
-    experiments/collapse_probe.py;
+    validation loss on fixed windows evaluated ≈50 times per run, η = 2^-6.5; the recipe was chosen by the seed-0
+    probes of experiments/collapse_probe.py;
   * a control family: the same at constant LR (Qiu et al.: no supercollapse without LR decay), 3 seeds;
   * Δ(x) against the seed floor σ(x) (Qiu's definitions) under L/L(1) (Bergsma) and (L − L0)/(L(1) − L0), L0 fitted;
   * forecasts of every run's final loss from its first 30%, the other sizes as reference (their mean curve, and the
     curve regressed on log N); LR and τ sweeps at one width ranked by those forecasts;
-  * subtle faults from x = 0.3 at one width (a quarter or a tenth of the batches silently from another domain,
-    weight decay silently off, the warm-up re-run, the LR halved): no spike in the validation loss; a validation
-    monitor with the other sizes as reference, on the faults and on the healthy twins (the 5 seeds of that width).
+  * subtle faults from x = 0.3 at one width (a loader that re-reads one shard of 0.5-2% of the data, a quarter or a
+    tenth of the batches silently from another domain, weight decay silently off, the warm-up re-run, the LR
+    halved): no spike in the validation loss; a validation monitor with the other sizes as reference, on the faults
+    and on the healthy twins (the 5 seeds of that width);
+  * the same recipe at η = 2^-6 (family and control), kept for comparison.
 
     python experiments/collapse_family.py [--quick]
     python collapse.py analyze --runs=experiments/results/collapse_family.csv   # re-run the collapse analysis

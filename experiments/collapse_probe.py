@@ -34,23 +34,24 @@ def steps_pow(p, w, nonemb=False, s16=417):
 def flags(v, w, seed=0):
     """train.py flags of variant v at width w. Every variant: CompleteP, d2z, 10% warm-up, τ = τ_opt(TPP),
     validation on 8 fixed windows ≈50 times (common.recipe_flags) unless it says otherwise."""
-    tpp, lr, steps, extra = 40.0, 2 ** -6, 417, {}
+    tpp0 = 100.0 if "tpp100" in v else 40.0   # 100: experiment 4's compute-optimal TPP
+    tpp, lr, steps, extra = tpp0, 2 ** -6, 417, {}
     n, n_tot = n_params(w)
     if "nonemb" in v:       # TPP counted on non-embedding N (D = TPP·N): the small models get fewer tokens
-        tpp = 40.0 * n / n_tot
+        tpp = tpp0 * n / n_tot
     if "tppN" in v:                 # TPP ∝ N^γ around 40 at d32: γ = α/β − 1 = 0.40, the compute-optimal tilt of
         g = float(v.split("tppN")[1]) / 10   # experiment 4's Chinchilla fit on non-embedding N (α 0.299, β 0.213)
         k = 0 if "nonemb" in v else 1
         tpp *= (n_params(w)[k] / n_params(32)[k]) ** g
-    if v.endswith("lr-4"):
+    if "lr-4" in v.split("_"):
         lr = 2 ** -4
-    if v.endswith("lr-5"):
+    if "lr-5" in v.split("_"):
         lr = 2 ** -5
-    if v.endswith("lr-6.5"):
+    if "lr-6.5" in v.split("_"):
         lr = 2 ** -6.5
-    if v.endswith("lr-7"):
+    if "lr-7" in v.split("_"):
         lr = 2 ** -7
-    if v.endswith("bopt"):          # steps ∝ D^0.617, i.e. B ∝ D^0.383
+    if "bopt" in v.split("_"):        # steps ∝ D^0.617, i.e. B ∝ D^0.383
         steps = steps_pow(1 - 0.383, w, "nonemb" in v)
     if v == "stepsdown":           # steps ∝ D^-0.3 (the batch grows faster than D): the other side of equal steps
         steps = steps_pow(-0.3, w)
@@ -58,18 +59,17 @@ def flags(v, w, seed=0):
         extra["data"] = "stdlib"
     if "noclip" in v:               # no gradient clipping (train.py's default clips at 1.0; the norms cross 1 late)
         extra["grad_clip"] = 0
-    if v.endswith("hd8"):                  # head_dim 8 at every width (d16: 2 heads ... d64: 8 heads)
+    if "hd8" in v.split("_"):                  # head_dim 8 at every width (d16: 2 heads ... d64: 8 heads)
         extra["n_head"] = w // 8
-    if v == "tpp100":               # experiment 4's compute-optimal TPP
-        tpp = 100.0
     f = recipe_flags(w, seed, tpp, lr=lr, steps=steps, quantum=128, **extra)
-    f["tau"] = f"{mup.tau_opt(100.0 if v == 'tpp100' else 40.0):.6g}"  # τ_opt of the nominal TPP, at every size
+    f["tau"] = f"{mup.tau_opt(tpp0):.6g}"  # τ_opt of the nominal TPP, at every size
     return f
 
 
 VARIANTS = ["base", "nonemb", "lr-4", "bopt", "nonemb_bopt", "hd8", "nonemb_lr-4", "stepsdown", "tpp100", "lr-5",
             "nonemb_lr-5", "lr-7", "nonemb_lr-7", "code", "nonemb_code", "nonemb_tppN04", "nonemb_tppN10", "noclip",
-            "nonemb_noclip", "nonemb_code_lr-7", "nonemb_code_lr-6.5"]
+            "nonemb_noclip", "nonemb_code_lr-7", "nonemb_code_lr-6.5",
+            "nonemb_code_lr-6.5_tpp100"]
 
 
 def probe(v):
