@@ -1721,6 +1721,23 @@ def test_hf_errors_name_the_key(tmp_path):
     assert not (tmp_path / "cp").exists()
 
 
+def test_recipe_flags_equal_steps_in_whole_sequences():
+    # experiment 3's family: every width ≈ 417 steps with a batch ∝ D. In multiples of 1,024 tokens (the default,
+    # the previous design) the steps were 405-450; in whole sequences of 128 (quantum=128, multiples of m ≤ 8
+    # sequences above 8) within ±6%, with micro-batches of ≤ 1,024 tokens that divide the batch
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from common import n_params, recipe_flags
+    old = [recipe_flags(w, 0, 40.0, steps=417) for w in (16, 24, 32, 48, 64)]
+    assert [f["batch_tokens"] for f in old] == [1024, 2048, 3072, 6144, 11264]
+    assert [f["tokens"] // f["batch_tokens"] for f in old] == [418, 405, 440, 450, 414]
+    for w, steps in [(16, 411), (24, 414), (32, 399), (48, 404), (64, 435)]:   # TPP 40 on non-embedding N
+        n, n_tot = n_params(w)
+        f = recipe_flags(w, 0, 40.0 * n / n_tot, steps=417, quantum=128)
+        assert f["tokens"] // f["batch_tokens"] == steps and abs(steps / 417 - 1) < 0.06
+        assert f["tokens"] >= 40 * n and f["batch_tokens"] % f["micro_batch_tokens"] == 0
+        assert f["micro_batch_tokens"] <= 1024 and f["micro_batch_tokens"] % 128 == 0
+
+
 def test_fit_offset_keeps_the_floor_non_negative():
     from collapse import fit_offset
     sizes = [1e4, 3e4, 1e5, 3e5]

@@ -121,20 +121,27 @@ def n_params(w, n_layer=2):
     return m.num_params(), m.num_params(non_embedding=False)
 
 
-def recipe_flags(w, seed, tpp, lr=2 ** -6, n_layer=2, batch=1024, evals=50, tau="opt", steps=None, **extra):
+def recipe_flags(w, seed, tpp, lr=2 ** -6, n_layer=2, batch=1024, evals=50, tau="opt", steps=None, quantum=1024,
+                 **extra):
     """Experiments 3-4's recipe at width w: CompleteP (d_base 16, L_base 2), prose, D = TPP × (N + embedding) rounded
     up to whole batches of `batch` tokens (sequences of 128), linear decay to zero after 10% warm-up, τ = τ_opt(TPP)
     for every decayed group (train.py --tau: λ_g = B/(η_g·τ·D)), validation loss on 8 fixed windows of 1,024 tokens
     evaluated ≈`evals` times per run (the collapse curves), training loss logged ≈200 times (the live monitor).
     tau: "opt", a number, or None to use weight_decay=… from extra (a fixed λ). steps: instead of a fixed batch, the
-    batch (a multiple of 1,024 tokens, accumulated in micro-batches of 1,024 so that every run is evaluated on the
-    same windows) that gives about this many steps at every size."""
+    batch (a multiple of `quantum` tokens, 1,024 or one sequence of 128, accumulated in micro-batches of at most
+    1,024) that gives about this many steps at every size; evaluation windows do not depend on the batch."""
     import math
     import mup
     _, n_tot = n_params(w, n_layer)
     if steps:
-        batch = max(1024, round(tpp * n_tot / steps / 1024) * 1024)
-        extra.setdefault("micro_batch_tokens", 1024)
+        batch = max(quantum, round(tpp * n_tot / steps / quantum) * quantum)
+        seqs = batch // 128
+        if seqs > 8:   # whole multiples of m ≤ 8 sequences (step count within ±6%), so no prime batch runs 1 by 1
+            m = min(8, 2 ** int(math.log2(seqs / 8)))
+            seqs = max(m, round(seqs / m) * m)
+            batch = 128 * seqs
+        # micro-batches of at most 8 sequences (1,024 tokens) that divide the batch
+        extra.setdefault("micro_batch_tokens", 128 * max(k for k in range(1, 9) if seqs % k == 0))
     T = math.ceil(tpp * n_tot / batch)
     f = dict(n_layer=n_layer, n_head=4, n_embd=w, param="completep", d_base=16, L_base=2, lr=lr, tokens=T * batch,
              batch_tokens=batch, seq_len_schedule="128", schedule="d2z", warmup=0.1, data="prose", eval_batches=8,
