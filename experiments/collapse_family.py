@@ -19,9 +19,11 @@ Bergsma et al. 2025, arXiv 2509.25087), third design:
     python experiments/collapse_family.py [--quick]
     python collapse.py analyze --runs=experiments/results/collapse_family.csv   # re-run the collapse analysis
 """
+import contextlib
 import math
 import os
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -64,20 +66,8 @@ def name(kind, w, seed, **tag):
     return f"{kind}/ne{TPP:g}_T{STEPS}_w{w}_s{seed}" + "".join(f"_{k}{v}" for k, v in tag.items())
 
 
-# ---- faults, injected in-process by wrapping what train.py calls (train.py has no fault switch)
-class Fault:
-    """Context manager: install a fault, undo it on exit."""
-
-    def __init__(self, on, off):
-        self.on, self.off = on, off
-
-    def __enter__(self):
-        self.on()
-
-    def __exit__(self, *exc):
-        self.off()
-
-
+# ---- faults, injected in-process by patching what train.py calls (train.py has no fault switch); each returns a
+# context manager that installs the fault and undoes it on exit
 def mixture_shift(frac, domain=OTHER, at=FAULT_AT):
     """From step at·steps on, `frac` of every batch's sequences come from `domain` instead of the run's mixture: a
     loader that, after a restart, reads a shard list with another domain's shards in it. data.Batches is wrapped."""
@@ -99,7 +89,7 @@ def mixture_shift(frac, domain=OTHER, at=FAULT_AT):
                 x[pos], y[pos] = rows[:, :-1], rows[:, 1:]
             return x, y, T
 
-    return Fault(lambda: setattr(data_mod, "Batches", Shifted), lambda: setattr(data_mod, "Batches", orig))
+    return mock.patch.object(data_mod, "Batches", Shifted)
 
 
 def shard_slice(frac, at=FAULT_AT):
@@ -125,13 +115,12 @@ def shard_slice(frac, at=FAULT_AT):
                 for ds, f in zip(self.domains, saved):
                     ds.sample = f
 
-    return Fault(lambda: setattr(data_mod, "Batches", Narrowed), lambda: setattr(data_mod, "Batches", orig))
+    return mock.patch.object(data_mod, "Batches", Narrowed)
 
 
 def schedule_fault(make):
     """Wrap mup.lr_factor (train.py calls it every step) with make(orig) -> new function."""
-    orig = mup.lr_factor
-    return Fault(lambda: setattr(mup, "lr_factor", make(orig)), lambda: setattr(mup, "lr_factor", orig))
+    return mock.patch.object(mup, "lr_factor", make(mup.lr_factor))
 
 
 def rewarm(at=FAULT_AT, warmup=0.1):
@@ -158,6 +147,7 @@ def lr_scaled(factor=0.5, at=FAULT_AT):
     return schedule_fault(make)
 
 
+@contextlib.contextmanager
 def wd_off(at=FAULT_AT):
     """From step at·T on, weight decay is 0 in every group (a relaunch whose config lost --tau): the optimizer is
     caught when train.py builds it, and mup.lr_factor, called at every step, switches its λ off."""
@@ -173,12 +163,8 @@ def wd_off(at=FAULT_AT):
                 g["weight_decay"] = 0.0
         return orig_lr(step, steps, *a, **k)
 
-    def on():
-        model_mod.GPT.configure_optimizers, mup.lr_factor = conf, lr
-
-    def off():
-        model_mod.GPT.configure_optimizers, mup.lr_factor = orig_conf, orig_lr
-    return Fault(on, off)
+    with mock.patch.object(model_mod.GPT, "configure_optimizers", conf), mock.patch.object(mup, "lr_factor", lr):
+        yield
 
 
 REPEAT = ["shard1", "shard2"]   # also run at seeds 1 and 2
@@ -228,9 +214,9 @@ def mean_ref(refs):
 
 
 def forecast(c, ref, at=AT, x_min=0.05):
-    """L̂(1) so that L̂(1)·ℓ_ref(x) matches the run's points with x_min ≤ x ≤ at (mean log-ratio: collapse.forecast)."""
-    pre = (c.x <= at + 1e-12) & (c.x >= x_min)
-    return float(np.exp(np.mean(np.log(c.loss[pre]) - np.log(ref(c.size, c.x[pre])))))
+    """L̂(1) so that L̂(1)·ℓ_ref(x; N) matches the run's points with x_min ≤ x ≤ at (collapse.forecast)."""
+    pre = c.x <= at + 1e-12
+    return C.forecast(c.x[pre], c.loss[pre], lambda x: ref(c.size, x), x_min=x_min)
 
 
 def track(c, ref, fit_until=FAULT_AT, x_min=0.05, window=3):

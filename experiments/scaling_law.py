@@ -142,11 +142,11 @@ if __name__ == "__main__":
         p = fit.params
         C = np.geomspace((6 * NN * D).min(), (6 * NN * D).max(), 5)
         tpp_opt = optimal_tpp(p, C)
-        boot, _ = bootstrap_tpp(NN, D, L, p, C, reps=10 if quick() else (100 if label == "N_total" else 0))
-        ci = np.percentile(boot, [2.5, 97.5], axis=0) if len(boot) else np.full((2, len(C)), np.nan)
-        nboot, _ = bootstrap_tpp(NN, D, L, p, C, reps=10 if quick() else (100 if label == "N_total" else 0),
-                                 noise_sd=SEED_SD)
-        nci = np.percentile(nboot, [2.5, 97.5], axis=0) if len(nboot) else np.full((2, len(C)), np.nan)
+        n_reps = 10 if quick() else (100 if label == "N_total" else 0)
+        boot, _ = bootstrap_tpp(NN, D, L, p, C, reps=n_reps)
+        nboot, _ = bootstrap_tpp(NN, D, L, p, C, reps=n_reps, noise_sd=SEED_SD)
+        ci, nci = (np.percentile(b, [2.5, 97.5], axis=0) if len(b) else np.full((2, len(C)), np.nan)
+                   for b in (boot, nboot))
         pred = law(p, NN, D)
         fits[label] = {"params": p, "param_ci": fit.ci, "huber_sum": fit.loss, "n_boot": len(boot),
                        "max_abs_rel_err": float(np.abs(pred / L - 1).max()),
