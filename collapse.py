@@ -126,8 +126,12 @@ def _checked(c, where):
     return c
 
 
-def load_run(path):
-    """A run directory: config.json (N, D, seed, schedule, TPP, tau, warmup) and log.jsonl training lines."""
+def load_run(path, signal="train"):
+    """A run directory: config.json (N, D, seed, schedule, TPP, tau, warmup) and log.jsonl's training loss (signal
+    "train"), or its validation loss on the first --data domain at every evaluation (signal "val": the same fixed
+    windows for every run, so seeds differ by their models alone, not by their batches)."""
+    if signal not in ("train", "val"):
+        raise CollapseError(f"signal {signal!r} must be 'train' (training loss) or 'val' (validation loss)")
     try:
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
@@ -145,8 +149,12 @@ def load_run(path):
             r = None
         if not isinstance(r, dict):
             raise CollapseError(f"{path}/log.jsonl line {i} is not a JSON object")
-        if "loss" in r:  # training lines; eval lines carry "val" instead
+        if signal == "train" and "loss" in r:  # training lines carry "loss", evaluation lines "val"
             rows.append(r)
+        elif signal == "val" and "val" in r:
+            if not (isinstance(r["val"], dict) and r["val"]):
+                raise CollapseError(f"{path}/log.jsonl line {i}: 'val' is not an object of per-domain losses")
+            rows.append({**r, "loss": next(iter(r["val"].values()))})
     num = lambda k: np.array([r[k] if isinstance(r.get(k), (int, float)) else np.nan for r in rows], float)
     return _checked(Curve(os.path.basename(os.path.normpath(path)), num("tokens") / cfg["D"], num("loss"),
                           cfg.get("N"), cfg.get("seed"), cfg.get("schedule"), cfg.get("TPP"), cfg.get("tau"),
@@ -194,8 +202,9 @@ def load_csv(path, x=None, size_col=None, seed_col=None):
     return curves
 
 
-def load_curves(spec, x=None, size_col=None, seed_col=None):
-    """Comma-separated run directories, CSV files and glob patterns (a folder of run directories counts too)."""
+def load_curves(spec, x=None, size_col=None, seed_col=None, signal="train"):
+    """Comma-separated run directories, CSV files and glob patterns (a folder of run directories counts too);
+    signal: which loss of a run directory (load_run)."""
     curves = []
     for item in [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s]:
         paths = sorted(glob.glob(item)) if any(ch in item for ch in "*?[") else [item]
@@ -204,9 +213,9 @@ def load_curves(spec, x=None, size_col=None, seed_col=None):
         for p in paths:
             inside = sorted(glob.glob(os.path.join(p, "*", "config.json")))  # a folder of run directories
             if os.path.isfile(os.path.join(p, "config.json")):
-                curves.append(load_run(p))
+                curves.append(load_run(p, signal))
             elif inside:
-                curves += [load_run(os.path.dirname(q)) for q in inside]
+                curves += [load_run(os.path.dirname(q), signal) for q in inside]
             elif os.path.isfile(p):
                 curves += load_csv(p, x, size_col, seed_col)
             elif not os.path.exists(p):
@@ -406,24 +415,44 @@ class CollapseMonitor:
     x_min ≤ x ≤ fit_until; after fit_until the implied L(1) stays frozen, so a pathology that starts later
     cannot be absorbed into the scale (one that starts earlier is partly absorbed: the price of not knowing L(1)).
     Alert when the trailing mean of the last `window` residuals L/L̂(1) − ℓ_ref(x) exceeds `margin` × the rms
-    that the reference runs themselves show within ±0.1 in x, each replayed against the others (leave one out)."""
+    that the reference runs themselves show within ±0.1 in x, each replayed against a reference built without it.
+    ℓ_ref is the reference runs' mean shape; given the monitored run's `size` N and references of ≥ 2 sizes, it is
+    their shape regressed on log N at every x, ℓ_ref(x; N) = a(x) + b(x)·log N (ours: a family that still drifts a
+    little with size, as small ones do, is then compared with its shape at this N, not with its mean), and each
+    reference size is replayed against the regression on the other sizes — only sizes inside the others' range when
+    N is inside the reference range (interpolations, like this run's own reference), else only the end sizes."""
 
-    def __init__(self, reference, fit_until=0.5, x_min=0.05, window=5, margin=5.0, floor=1e-4):
-        """reference: Curves, or what load_curves reads; one that cannot be read raises CollapseError."""
+    def __init__(self, reference, size=None, fit_until=0.3, x_min=0.05, window=3, margin=5.0, floor=1e-4):
+        """reference: Curves, or what load_curves reads (run directories' validation loss, or CSV); one that cannot
+        be read raises CollapseError."""
         refs = reference
         if not (reference and isinstance(reference[0], Curve)):
             try:
-                refs = load_curves(reference)
+                refs = load_curves(reference, signal="val")
             except CollapseError as e:  # train.py --collapse_ref: say which input it was
                 raise CollapseError(f"collapse monitor reference: {e}") from None
         self.fit_until, self.x_min, self.window = fit_until, x_min, window
         self.grid = np.linspace(max(c.x[0] for c in refs), 1.0, 400)
         ells = np.stack([normalise([c], "none", max(1, len(c.x) // 50), self.grid)[2][0] for c in refs])
-        self.ref = ells.mean(0)
-        # pooled (x, smoothed residual) of the reference runs, each replayed against the others' mean
-        others = [np.delete(ells, j, 0).mean(0) if len(refs) > 1 else ells[j] for j in range(len(refs))]
-        px = np.concatenate([c.x[c.x >= x_min] for c in refs])
-        ps = np.concatenate([self._track(c.x, c.loss, o)[1][c.x >= x_min] for c, o in zip(refs, others)])
+        sizes = np.array([c.size or np.nan for c in refs], float)
+        ends = (np.nanmin(sizes), np.nanmax(sizes)) if np.isfinite(sizes).any() else (np.nan, np.nan)
+        self.by_size = size is not None and bool(np.all(np.isfinite(sizes))) and ends[0] < ends[1]
+        if self.by_size:
+            def shape(keep, N):  # least squares in (1, log N) over the kept runs, evaluated at N
+                if np.ptp(sizes[keep]) == 0:  # one size left: its mean shape
+                    return ells[keep].mean(0)
+                A = np.stack([np.ones(int(keep.sum())), np.log(sizes[keep])], 1)
+                coef = np.linalg.lstsq(A, ells[keep], rcond=None)[0]
+                return coef[0] + coef[1] * math.log(N)
+            self.ref = shape(np.ones(len(refs), bool), size)
+            inner = lambda N: ends[0] < N < ends[1]
+            replay = [j for j in range(len(refs)) if inner(sizes[j]) == inner(size)] or range(len(refs))
+            pairs = [(j, shape(sizes != sizes[j], sizes[j])) for j in replay]
+        else:
+            self.ref = ells.mean(0)
+            pairs = [(j, np.delete(ells, j, 0).mean(0) if len(refs) > 1 else ells[j]) for j in range(len(refs))]
+        px = np.concatenate([refs[j].x[refs[j].x >= x_min] for j, _ in pairs])
+        ps = np.concatenate([self._track(refs[j].x, refs[j].loss, o)[1][refs[j].x >= x_min] for j, o in pairs])
         near = np.abs(self.grid[:, None] - px[None, :]) <= 0.1
         rms = np.sqrt((near * ps ** 2).sum(1) / np.maximum(near.sum(1), 1))
         rms[near.sum(1) == 0] = np.sqrt(np.mean(ps ** 2))
@@ -572,6 +601,8 @@ def main(argv):
         c.add_argument("--size_col", help="the CSV column of model size")
         c.add_argument("--seed_col", help="the CSV column of seed")
         c.add_argument("--smooth", type=int, default=1, help="moving-average window, in points")
+        c.add_argument("--signal", default="train", help="a run directory's training loss (train) or its first "
+                       "domain's validation loss (val)")
         c.add_bool("--force", help="accept runs that mix LR schedules or tokens per parameter")
         c.add_bool("--json", help="print the result as JSON")
     c = sub.choices["analyze"]
@@ -595,7 +626,7 @@ def main(argv):
         write_csv(curves, o.out)
         print(f"wrote {len(curves)} runs to {o.out}")
         return
-    load = lambda spec: load_curves(spec, o.x, o.size_col, o.seed_col)
+    load = lambda spec: load_curves(spec, o.x, o.size_col, o.seed_col, o.signal)
     if cmd == "recipe":
         res = recipe(o.params, o.tpp, o.lr, o.seq_len)
     elif cmd == "analyze":

@@ -82,7 +82,7 @@ class Config:
     log_interval: int = 10            # steps between log lines
     keep_last: int = 2                # checkpoints kept
     stop_at: int = 0                  # stop (with a checkpoint) after this step, e.g. before a job's time limit
-    collapse_ref: str = ""            # run dir(s) or CSV of healthy runs: warn when this run leaves their curve
+    collapse_ref: str = ""            # healthy runs (dirs or CSV): warn when this run's val loss leaves their curve
     sample_tokens: int = 200          # sample printed at the end (0: none)
     # system
     seed: int = 1337
@@ -614,7 +614,9 @@ def main(argv):
                     param=raw.config.param, model_config=dataclasses.asdict(raw.config), cpt=cpt,
                     tokenizer=next(iter(domains.values())).tokenizer, world_size=world, code=code_version())
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    monitor = CollapseMonitor(cfg.collapse_ref) if cfg.collapse_ref and master else None
+    # the collapse monitor follows the first domain's validation loss (fixed windows: runs differ by their models,
+    # not by their batches), against the reference runs' shape at this run's N
+    monitor = CollapseMonitor(cfg.collapse_ref, size=N) if cfg.collapse_ref and master else None
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), run_info)
@@ -625,8 +627,8 @@ def main(argv):
             f.write("".join(line + "\n" for line in kept))
         if monitor:  # replay the history so the monitor's fit of this run's scale is the same as without a break
             for r in map(json.loads, kept):
-                if "loss" in r:
-                    monitor.update(r["tokens"] / D, r["loss"])
+                if "val" in r and r["step"] > 0:
+                    monitor.update(r["tokens"] / D, next(iter(r["val"].values())))
         print(f"{cfg.out_dir}: N={N:,} non-embedding params, D={D:,} tokens ({D / N:.1f} TPP), {steps} steps of "
               f"{B:,} tokens, η={cfg.lr:g}, λ={cfg.weight_decay:.4g}, τ(hidden)={taus.get('hidden') or math.inf:.4g}, "
               f"{raw.config.param}, {device} {cfg.dtype}" + (f", world {world}" if world > 1 else "")
@@ -705,11 +707,6 @@ def main(argv):
             rec = {"step": step, "tokens": step * B, "lr": cfg.lr * lr_factor, "loss": lossf, "seq_len": T,
                    "grad_norm": grad_norm.item(), "tok_per_s": tok_per_s,
                    "mfu": raw.estimate_mfu(tok_per_s / world, T, peak)}
-            if monitor:
-                m = monitor.update(rec["tokens"] / D, lossf)
-                rec["collapse_residual"] = m["smoothed"]
-                if m["alert"]:
-                    say(f"collapse monitor: {m['warning']}")
             log(rec)
             if bar:
                 bar.set_postfix(loss=f"{lossf:.4f}", tok_s=f"{tok_per_s:,.0f}")
@@ -718,7 +715,13 @@ def main(argv):
             t0, tok_since = time.time(), 0
         if step % cfg.eval_interval == 0 or step == steps:
             v = evaluate()
-            log({"step": step, "tokens": step * B, "val": v})
+            rec = {"step": step, "tokens": step * B, "val": v}
+            if monitor:
+                m = monitor.update(step * B / D, next(iter(v.values())))
+                rec["collapse_residual"] = m["smoothed"]
+                if m["alert"]:
+                    say(m["warning"])
+            log(rec)
             say(f"step {step}: " + ", ".join(f"val {d} {l:.4f}" for d, l in v.items()))
         if step % cfg.eval_interval == 0 or step == steps or step == cfg.stop_at:
             checkpoint()
