@@ -281,6 +281,13 @@ for domain, tokens, seeds, n_windows in DOMAINS:
         results[domain]["loss_by_copy_distance"] = {
             f"{n}_s{s}": {f"{k} @ {sp}": round(float(L[m & sel].mean()), 4) for k, m in kinds.items()
                           for sp, sel in spans.items() if (m & sel).any()} for (n, s), L in losses.items()}
+        # how far back each schedule copies from: targets at positions SHORT..LONG-1 whose nearest source is d back,
+        # d in 4 log-spaced bands past the short window (the flattest ALiBi head pays 2^-8·d logits there)
+        edges = np.geomspace(SHORT, LONG, 5).round().astype(int)
+        inside = (pos >= SHORT) & (pos < LONG)
+        results[domain]["far_only_loss_by_source_distance"] = {
+            f"{n}_s{s}": {f"{a}-{b - 1}": round(float(L[inside & (dist >= a) & (dist < b)].mean()), 4)
+                          for a, b in zip(edges, edges[1:])} for (n, s), L in losses.items()}
         results[domain]["last_layer_attention_on_copy_source_per_head"] = {
             f"{n}_s{s}": source_attention(os.path.join(RUNS, f"{RUN_DIR}/{domain}_{n}_s{s}"), rows, dist)
             for n, s in losses}
