@@ -431,6 +431,8 @@ class CollapseMonitor:
                 refs = load_curves(reference, signal="val")
             except CollapseError as e:  # train.py --collapse_ref: say which input it was
                 raise CollapseError(f"collapse monitor reference: {e}") from None
+        if size is not None and not (math.isfinite(size) and size > 0):
+            raise CollapseError(f"collapse monitor: the run's size must be a positive parameter count, got {size}")
         self.fit_until, self.x_min, self.window = fit_until, x_min, window
         self.grid = np.linspace(max(c.x[0] for c in refs), 1.0, 400)
         ells = np.stack([normalise([c], "none", max(1, len(c.x) // 50), self.grid)[2][0] for c in refs])

@@ -2299,6 +2299,9 @@ def test_monitor_at_the_runs_size_sees_a_bump_that_size_drift_hides():
             assert (alerts[0] if alerts else None) == (pytest.approx(first, abs=0.015) if first else None), alerts[:1]
     two = CollapseMonitor(refs[:4], size=1.5e6)  # two sizes: the leave-one-size-out replays fall back to one size
     assert two.by_size and np.all(np.isfinite(two.band))
+    with pytest.raises(CollapseError, match="^collapse monitor: the run's size must be a positive parameter count, "
+                                            "got 0$"):
+        CollapseMonitor(refs, size=0)
 
 
 def test_monitor_reference_that_cannot_be_read_is_one_sentence(tmp_path):

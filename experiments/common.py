@@ -40,10 +40,9 @@ def finished(run_dir):
     return bool(evals) and evals[-1]["step"] == cfg.get("steps", cfg.get("T")) and bool(train.checkpoints(run_dir))
 
 
-def train_run(name, quiet=True, patch=None, **flags):
+def train_run(name, **flags):
     """Train experiments/runs/<name> with train.py's --key=value flags unless it is finished; a run that
-    stopped part-way resumes from its last checkpoint. patch: optional callable run around train.main (used by
-    the fault-injection run). Returns the run directory."""
+    stopped part-way resumes from its last checkpoint. Returns the run directory."""
     out = os.path.join(RUNS, name)
     if finished(out):
         return out
@@ -55,8 +54,7 @@ def train_run(name, quiet=True, patch=None, **flags):
         argv = [f"--out_dir={out}"] + [f"--{k}={v}" for k, v in flags.items()]
     t0 = time.time()
     buf = io.StringIO()
-    with (contextlib.redirect_stdout(buf if quiet else sys.stdout),
-          contextlib.redirect_stderr(buf if quiet else sys.stderr)):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         train.main(argv)
     cfg = json.load(open(os.path.join(out, "config.json")))
     alerts = [l for l in buf.getvalue().splitlines() if "collapse monitor" in l]
