@@ -219,43 +219,17 @@ def forecast(c, ref, at=AT, x_min=0.05):
     return C.forecast(c.x[pre], c.loss[pre], lambda x: ref(c.size, x), x_min=x_min)
 
 
-def track(c, ref, fit_until=FAULT_AT, x_min=0.05, window=3):
-    """Residual L/L̂(1) − ℓ_ref(x; N) at every eval of c, L̂(1) fitted on x_min ≤ x ≤ fit_until and frozen after,
-    and its trailing mean over `window` evals (causal: collapse.CollapseMonitor's rule)."""
-    r_x = ref(c.size, c.x)
-    d = np.log(c.loss) - np.log(r_x)
-    m = ((c.x >= x_min) & (c.x <= fit_until)).astype(float)
-    cn, cs = np.cumsum(m), np.cumsum(d * m)
-    r = c.loss / np.exp(np.where(cn > 0, cs / np.maximum(cn, 1), d)) - r_x
-    k = np.minimum(np.arange(1, len(r) + 1), window)
-    cc = np.concatenate([[0.0], np.cumsum(r)])
-    return (cc[1:] - cc[np.arange(1, len(r) + 1) - k]) / k
-
-
-def band(refs, make_ref, margin=MARGIN, x_min=0.05, interior=False):
-    """margin × the rms (within ±0.1 in x) of the reference runs' smoothed residuals, each replayed against the
-    reference built from the other sizes (leave one size out). interior: only the sizes inside the others' range,
-    whose reference is an interpolation in log N, as it is for a monitored size inside the family (the end sizes'
-    replays are extrapolations, 2-3× worse)."""
-    px, ps = [], []
-    sizes = sorted({r.size for r in refs})
-    for size in sizes[1:-1] if interior and len(sizes) > 2 else sizes:   # --quick has 2 reference sizes
-        ref = make_ref([r for r in refs if r.size != size])
-        for c in [r for r in refs if r.size == size]:
-            px.append(c.x[c.x >= x_min])
-            ps.append(track(c, ref)[c.x >= x_min])
-    px, ps = np.concatenate(px), np.concatenate(ps)
-    g = np.linspace(0, 1, 201)
-    near = np.abs(g[:, None] - px[None, :]) <= 0.1
-    return g, margin * np.sqrt((near * ps ** 2).sum(1) / np.maximum(near.sum(1), 1))
-
-
-def monitor(c, ref, bnd, margin=MARGIN):
-    sm = track(c, ref)
-    b = np.interp(c.x, bnd[0], bnd[1]) * margin / MARGIN
-    al = (np.abs(sm) > b) & (c.x >= 0.05)
-    return {"x": c.x, "loss": c.loss, "smoothed": sm, "band": b, "n_alerts": int(al.sum()),
-            "first_alert": float(c.x[np.argmax(al)]) if al.any() else None, "max_ratio": float(np.max(np.abs(sm) / b))}
+def monitor(c, refs, size, margin=MARGIN):
+    """collapse.CollapseMonitor, what train.py --collapse_ref runs, replayed over a validation curve (one update per
+    evaluation): the references' shape at `size` (None: their mean shape), L(1) fitted on 0.05 ≤ x ≤ 0.3 and frozen
+    after, the residual's trailing mean over 3 evaluations, the band margin × the references' own rms."""
+    m = C.CollapseMonitor(refs, size=size, margin=margin)   # train.py's settings: fit until x = 0.3, window 3
+    rs = [m.update(x, l) for x, l in zip(c.x, c.loss)]
+    sm, b = (np.array([r[k] for r in rs]) for k in ("smoothed", "band"))
+    al = np.array([r["alert"] for r in rs])
+    return {"smoothed": sm, "band": b, "n_alerts": int(al.sum()),
+            "first_alert": float(c.x[np.argmax(al)]) if al.any() else None,
+            "max_ratio": float(np.max((np.abs(sm) / b)[c.x >= 0.05]))}
 
 
 if __name__ == "__main__":
@@ -289,17 +263,19 @@ if __name__ == "__main__":
     for k in SWEEP_TAUS:
         tau_dirs[k] = timed("sweep", lambda: train_run(name(SWEEP, MID, 0, tau=f"{k:g}x"),
                                                       **family(MID, 0, tau=f"{k * tau0:.6g}")))
+    # the faults train with train.py's live monitor: reference = the family runs of the other widths, all seeds
+    live_ref = ",".join(d for d in fam_dirs if f"_w{MID}_" not in d)
     fault_dirs = {}
     for kind, (make, _) in FAULTS.items():
         with make():
             fault_dirs[kind] = timed("fault", lambda: train_run(name(FAULT, MID, 0, **{kind: FAULT_AT}),
-                                                                **family(MID, 0)))
+                                                                **family(MID, 0), collapse_ref=live_ref))
     repeat_dirs = {}   # the shard faults again at two more seeds: is the first alert a one-seed accident?
     for kind in REPEAT:
         with FAULTS[kind][0]():
             for s in SEEDS[1:3]:
                 repeat_dirs[kind, s] = timed("fault", lambda: train_run(name(FAULT, MID, s, **{kind: FAULT_AT}),
-                                                                        **family(MID, s)))
+                                                                        **family(MID, s), collapse_ref=live_ref))
     print(f"trained in {time.time() - t0:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in walls.items()), flush=True)
 
     # ---- curves and CSVs (the analysis reads the CSVs, so `collapse.py analyze` sees exactly these numbers)
@@ -376,70 +352,72 @@ if __name__ == "__main__":
             print(f"   {r['value']:g}: final {r['L1']:.4f}, at 30% {r['L_at30']:.4f}, forecast {r['L1_hat_mean']:.4f} "
                   f"(mean) / {r['L1_hat_trend']:.4f} (trend)")
 
-    # ---- the faults: validation monitor (reference = the other sizes, all seeds; band from those runs replayed
-    # leave-one-size-out), on the faults and on the healthy twins (the MID-width seeds)
-    twins = [c for c in fam if c.size == mid_size]
+    # ---- the faults: train.py's monitor (collapse.CollapseMonitor) on the validation loss, reference = the family runs
+    # of the other widths (all seeds) at the monitored run's N, band from those runs replayed leave-one-size-out; the
+    # fault runs ran it live, the healthy twins (the 5 seeds of width MID) and other margins are replays of it
+    mon_refs = C.load_curves(live_ref, signal="val")
+    twins = [C.load_run(d, "val") for d in fam_dirs if f"_w{MID}_" in d]
+    N_mid = twins[0].size
     tw_final = np.array([c.loss[-1] for c in twins])
-    out["fault"] = {"width": MID, "at": FAULT_AT, "margin": MARGIN, "twins_final_val": tw_final.tolist(),
+    out["fault"] = {"width": MID, "N": N_mid, "at": FAULT_AT, "margin": MARGIN, "twins_final_val": tw_final.tolist(),
                     "twins_max_val_rise_after_x": [float(np.max(np.diff(c.loss)[c.x[1:] > FAULT_AT])) for c in twins],
                     "twins_seed_sd_rel": float(tw_final.std(ddof=1) / tw_final.mean()), "faults": {}, "twins": {}}
-    fault_curves = {k: val_curve(d, TPP, DOMAIN) for k, d in fault_dirs.items()}
-    mons = {}
-    for shape, make, inner in (("trend", trend_ref, False), ("trend_interior", trend_ref, True),
-                               ("mean", mean_ref, False)):
-        ref, bnd = make(refs), band(refs, make, interior=inner)
-        mons[shape] = (ref, bnd)
-        tw = [monitor(c, ref, bnd) for c in twins]
+    fault_curves = {k: C.load_run(d, "val") for k, d in fault_dirs.items()}
+    shapes = {"size": N_mid, "mean": None}   # the reference shape at the run's N (train.py's), or the mean shape
+    margins = (3.0, 4.0, 5.0)
+    for shape, size in shapes.items():
+        tw = {m: [monitor(c, mon_refs, size, m) for c in twins] for m in margins}
         out["fault"]["twins"][shape] = {
-            "false_alerts": [t["n_alerts"] for t in tw], "max_residual_over_band": [t["max_ratio"] for t in tw],
-            "false_alerts_by_margin": {str(m): [monitor(c, ref, bnd, m)["n_alerts"] for c in twins]
-                                       for m in (3.0, 4.0, 5.0)}}
-        print(f"twins ({shape} reference): false alerts {[t['n_alerts'] for t in tw]}, max |residual|/band "
-              f"{np.round([t['max_ratio'] for t in tw], 2)}")
-    for kind, c in fault_curves.items():
-        cfg, lines, _ = read_run(fault_dirs[kind])
+            "false_alerts": [t["n_alerts"] for t in tw[MARGIN]], "max_residual_over_band": [t["max_ratio"]
+                                                                                          for t in tw[MARGIN]],
+            "false_alerts_by_margin": {str(m): [t["n_alerts"] for t in tw[m]] for m in margins}}
+        print(f"twins ({shape} reference): false alerts by margin 3/4/5 "
+              f"{out['fault']['twins'][shape]['false_alerts_by_margin']}, max |residual|/band at margin {MARGIN:g} "
+              f"{np.round(out['fault']['twins'][shape]['max_residual_over_band'], 2)}")
+
+    def judge(c, d):
+        """A fault run against its twins: final loss, what the raw curves showed, and the monitor's alerts."""
+        cfg, lines, _ = read_run(d)
         xt = np.array([l["tokens"] / cfg["D"] for l in lines])
         lt = np.array([l["loss"] for l in lines])
-        o = out["fault"]["faults"][kind] = {
-            "kind": FAULTS[kind][1], "final_val": float(c.loss[-1]),
-            "final_val_excess": float(c.loss[-1] / tw_final.mean() - 1),
-            "final_val_excess_over_worst_twin": float(c.loss[-1] / tw_final.max() - 1),
-            "max_val_rise_after_fault": float(np.max(np.diff(c.loss)[c.x[1:] > FAULT_AT])),
-            # what the raw training loss did at the fault: mean over 5% of the run after it minus 5% before
-            "train_loss_jump": float(lt[(xt >= FAULT_AT) & (xt < FAULT_AT + 0.05)].mean()
-                                     - lt[(xt >= FAULT_AT - 0.05) & (xt < FAULT_AT)].mean())}
-        for shape, (ref, bnd) in mons.items():
-            m = monitor(c, ref, bnd)
-            xa = m["first_alert"]
+        live = np.array([e["collapse_residual"] for e in read_run(d)[2] if e["step"] > 0])
+        o = {"final_val": float(c.loss[-1]), "final_val_excess": float(c.loss[-1] / tw_final.mean() - 1),
+             "final_val_excess_over_worst_twin": float(c.loss[-1] / tw_final.max() - 1),
+             "max_val_rise_after_fault": float(np.max(np.diff(c.loss)[c.x[1:] > FAULT_AT])),
+             # what the raw training loss did at the fault: mean over 5% of the run after it minus 5% before
+             "train_loss_jump": float(lt[(xt >= FAULT_AT) & (xt < FAULT_AT + 0.05)].mean()
+                                      - lt[(xt >= FAULT_AT - 0.05) & (xt < FAULT_AT)].mean())}
+        for shape, size in shapes.items():
+            ms = {m: monitor(c, mon_refs, size, m) for m in margins}
+            xa = ms[MARGIN]["first_alert"]
             gap = None
             if xa is not None:   # what the raw validation loss showed at the alert: the fault vs its twins
                 k = int(np.argmax(c.x >= xa))
                 vt = np.array([t.loss[k] for t in twins])
                 gap = {"fault": float(c.loss[k]), "twins_min": float(vt.min()), "twins_max": float(vt.max()),
                        "excess_over_twin_mean": float(c.loss[k] / vt.mean() - 1)}
-            o[shape] = {"first_alert_x": xa, "n_alerts": m["n_alerts"], "max_residual_over_band": m["max_ratio"],
-                        "val_at_alert": gap,
-                        "first_alert_x_by_margin": {str(mg): monitor(c, ref, bnd, mg)["first_alert"]
-                                                    for mg in (3.0, 4.0, 5.0)}}
+            o[shape] = {"first_alert_x": xa, "n_alerts": ms[MARGIN]["n_alerts"],
+                        "max_residual_over_band": ms[MARGIN]["max_ratio"], "val_at_alert": gap,
+                        "first_alert_x_by_margin": {str(m): ms[m]["first_alert"] for m in margins}}
+        # train.py logged its live residuals: they must be the replay's, to the bit (test_all.py asserts the same)
+        o["live_equals_replay"] = bool(np.array_equal(live, monitor(c, mon_refs, N_mid)["smoothed"]))
+        return o
+
+    for kind, c in fault_curves.items():
+        o = out["fault"]["faults"][kind] = {"kind": FAULTS[kind][1], **judge(c, fault_dirs[kind])}
         print(f"fault {kind} ({o['kind']}): final val {o['final_val']:.4f} vs twins {np.round(tw_final, 4)} "
               f"({100 * o['final_val_excess']:+.2f}%); max val rise {o['max_val_rise_after_fault']:+.4f}; "
-              f"train-loss jump {o['train_loss_jump']:+.4f}; first alert {o['trend']['first_alert_x']} (trend ref), "
-              f"{o['trend_interior']['first_alert_x']} (trend ref, interior band; by margin 3/4/5: "
-              f"{o['trend_interior']['first_alert_x_by_margin']}), {o['mean']['first_alert_x']} (mean ref); "
-              f"raw val at alert {o['trend_interior']['val_at_alert']}", flush=True)
-
+              f"train-loss jump {o['train_loss_jump']:+.4f}; first alert by margin 3/4/5: "
+              f"{o['size']['first_alert_x_by_margin']} (reference at its N), {o['mean']['first_alert_x_by_margin']} "
+              f"(mean shape); live = replay: {o['live_equals_replay']}; raw val at alert {o['size']['val_at_alert']}",
+              flush=True)
     out["fault"]["repeats"] = {}
-    ref, bnd = mons["trend_interior"]
     for (kind, s), d in repeat_dirs.items():
-        c = val_curve(d, TPP, DOMAIN)
-        r = out["fault"]["repeats"][f"{kind}_s{s}"] = {
-            "final_val": float(c.loss[-1]), "twin_final_val": float(twins[SEEDS.index(s)].loss[-1]),
-            "final_val_excess": float(c.loss[-1] / tw_final.mean() - 1),
-            "first_alert_x_by_margin": {str(mg): monitor(c, ref, bnd, mg)["first_alert"] for mg in (3.0, 4.0, 5.0)},
-            "max_residual_over_band": monitor(c, ref, bnd)["max_ratio"]}
-        print(f"fault {kind}, seed {s}: final val {r['final_val']:.4f} (its twin {r['twin_final_val']:.4f}; "
-              f"{100 * r['final_val_excess']:+.2f}% vs the twins' mean); first alert by margin 3/4/5 (interior band) "
-              f"{r['first_alert_x_by_margin']}", flush=True)
+        o = out["fault"]["repeats"][f"{kind}_s{s}"] = {"twin_final_val": float(twins[SEEDS.index(s)].loss[-1]),
+                                                       **judge(C.load_run(d, "val"), d)}
+        print(f"fault {kind}, seed {s}: final val {o['final_val']:.4f} (its twin {o['twin_final_val']:.4f}; "
+              f"{100 * o['final_val_excess']:+.2f}% vs the twins' mean); first alert by margin 3/4/5 "
+              f"{o['size']['first_alert_x_by_margin']}; live = replay: {o['live_equals_replay']}", flush=True)
 
     # ---- plots
     P = plt()
@@ -472,23 +450,23 @@ if __name__ == "__main__":
     fig, axes = P.subplots(1, 2, figsize=(13, 4.5))
     for i, c in enumerate(twins):
         axes[0].plot(c.x, c.loss, color="gray", lw=0.8, label=f"healthy twins ({len(twins)} seeds)" if i == 0 else None)
-    ref, bnd = mons["trend_interior"]
-    axes[1].plot(bnd[0], bnd[1], "k:", label=f"band ({MARGIN:g} × rms of d24, d48 vs the other sizes)")
-    axes[1].plot(bnd[0], -bnd[1], "k:")
-    for i, c in enumerate(twins):
-        axes[1].plot(c.x, track(c, ref), color="gray", lw=0.8, label="twins" if i == 0 else None)
+    tw = [monitor(c, mon_refs, N_mid) for c in twins]
+    axes[1].plot(twins[0].x, tw[0]["band"], "k:", label=f"band ({MARGIN:g} × rms of d24, d48 vs the other sizes)")
+    axes[1].plot(twins[0].x, -tw[0]["band"], "k:")
+    for i, (c, m) in enumerate(zip(twins, tw)):
+        axes[1].plot(c.x, m["smoothed"], color="gray", lw=0.8, label="twins" if i == 0 else None)
     colors = ["C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "C0"]   # not C7: the twins are gray
     for j, (kind, c) in enumerate(fault_curves.items()):
         axes[0].plot(c.x, c.loss, color=colors[j], lw=0.9, label=f"fault: {FAULTS[kind][1]}")
-        fa = out["fault"]["faults"][kind]["trend_interior"]["first_alert_x"]
-        axes[1].plot(c.x, track(c, ref), color=colors[j], lw=1,
+        fa = out["fault"]["faults"][kind]["size"]["first_alert_x"]
+        axes[1].plot(c.x, monitor(c, mon_refs, N_mid)["smoothed"], color=colors[j], lw=1,
                      label=f"{kind}: first alert x = {fa:.2f}" if fa else f"{kind}: no alert")
     lo = min(c.loss[-1] for c in twins)
     axes[0].set_ylim(lo * 0.98, lo * 1.25)
     axes[0].set_title(f"raw validation loss, d{MID}")
     axes[0].legend(fontsize=7)
     axes[1].axvline(FAULT_AT, color="k", ls="--", lw=0.6)
-    axes[1].set_title("validation monitor: residual against the other sizes (trend in log N)")
+    axes[1].set_title("train.py's monitor: residual against the other sizes' shape at this N")
     axes[1].legend(fontsize=7)
     for a in axes:
         a.set_xlabel("x = tokens / D")
