@@ -19,7 +19,10 @@ tokens (4.1M, switch at 1,500) from v1's 8M-token bases.
 v1 (`--v1`, the first attempt, REPORT §2): 128 → 512 on `synth_copy` (far copies 128–512 back) and on real Python
 code (`stdlib`), batch 1,024, windows of 1,024.
 
-    python experiments/vsl.py [--quick] [--v1]
+    python experiments/vsl.py [--quick] [--v1] [--shared_base]
+
+--shared_base: v3 on synth_copy_far with seed 0's base copier for every seed (results/vsl_shared_base.json,
+results/vsl_by_position_shared_base.csv): seeds then differ only by the comparison's batches.
 
 v3 also runs the two schedules from scratch on real Python code (`stdlib`, 2 seeds). It writes results/vsl.json,
 results/vsl_by_position.csv (synth_copy_far: schedule, seed, position, loss, short_len, long_len),
@@ -45,6 +48,9 @@ import data as data_mod
 from model import GPT, GPTConfig
 
 V1 = "--v1" in sys.argv[1:]
+# --shared_base: v3 with one base copier (seed 0's) for every seed, so that seeds differ only by the batches of the
+# comparison itself, not by how well their bases copy (v3's seed spread of each schedule's loss is the bases')
+SHARED = "--shared_base" in sys.argv[1:]
 if V1:
     SHORT, LONG, EVAL_T, PER_DOC, RUN_DIR, TAG = 128, 512, 1024, 16, "vsl", "_v1"
     # (domain, tokens per run, seeds, evaluation windows). synth_copy needs ≈ 2-3M tokens before copying appears
@@ -65,6 +71,9 @@ else:
                 4 if quick() else 32)] + ([] if quick() else [("stdlib", 2048 * 4000, [0, 1], 12)])
     BATCH = 2048
     BASE = ("synth_copy", 200_000 if quick() else 12_000_000, 1024)  # the base copier: data, tokens, batch
+    BASE_DIR = RUN_DIR
+    if SHARED:
+        RUN_DIR, TAG, DOMAINS = "vsl3_shared", "_shared_base", DOMAINS[:1]
 SCHEDULES = {"short": f"{SHORT}", "vsl": f"{SHORT}:0.75,{LONG}:0.25"}
 MODEL = dict(n_layer=2, n_head=4, n_embd=64, param="mup", d_base=64, lr=1.2e-2, batch_tokens=BATCH,
              schedule="linear", warmup=0.02, eval_batches=8, log_interval=100)
@@ -190,8 +199,9 @@ def train_pair(domain, tokens, seed):
     ensure_domain(base_data)
     base = None   # real text starts from scratch; the synthetic domain from a copier (see above)
     if domain in data_mod.SYNTHETIC:
-        base = train_run(f"{RUN_DIR}/base_{base_data}_s{seed}", data=base_data, tokens=base_tokens,
-                         seq_len_schedule="128", seed=seed, eval_interval=max(1, base_tokens // base_batch // 8),
+        base_seed = 0 if SHARED else seed
+        base = train_run(f"{BASE_DIR}/base_{base_data}_s{base_seed}", data=base_data, tokens=base_tokens,
+                         seq_len_schedule="128", seed=base_seed, eval_interval=max(1, base_tokens // base_batch // 8),
                          **{**MODEL, "batch_tokens": base_batch})
     flags = dict(data=domain, tokens=tokens, seq_len_schedule=SCHEDULES["vsl"], seed=seed,
                  eval_interval=max(1, steps // 8), sample_tokens=0, **MODEL, **({"init_from": base} if base else {}))
@@ -300,7 +310,7 @@ for domain, tokens, seeds, n_windows in DOMAINS:
 os.makedirs(RESULTS, exist_ok=True)
 for domain, path, with_domain in ([("synth_copy", "vsl_by_position_v1.csv", False),
                                    ("stdlib", "vsl_by_position_stdlib.csv", True)] if V1 else
-                                  [("synth_copy_far", "vsl_by_position.csv", False),
+                                  [("synth_copy_far", f"vsl_by_position{TAG}.csv", False),
                                    ("stdlib", "vsl_by_position_stdlib_512.csv", True)]):
     if domain not in curves:
         continue
