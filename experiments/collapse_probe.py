@@ -6,7 +6,7 @@ writes results/collapse_probe.json and results/collapse_probe_VARIANT.csv. Batch
 (recipe_flags(quantum=128)), so that every size takes 417 steps within ±6% ("base" is the previous design so
 quantised). The first four variants run (base, nonemb, lr-4, bopt) were trained before recipe_flags rounded large
 batches to multiples of up to 8 sequences: a rerun from scratch gives them step counts that differ by up to 5%.
-Resumable; each variant ≈ 1-4 min of one core (TPP ∝ N: 5 min).
+Resumable; each variant ≈ 1-4 min of one core (TPP ∝ N: 5 min; "depth", widths 16-48 at depths 2-6: 9 min).
 
     python experiments/collapse_probe.py [VARIANT ...]      # default: every variant below
 """
@@ -36,7 +36,8 @@ def flags(v, w, seed=0):
     validation on 8 fixed windows ≈50 times (common.recipe_flags) unless it says otherwise."""
     tpp0 = 100.0 if "tpp100" in v else 40.0   # 100: experiment 4's compute-optimal TPP
     tpp, lr, steps, extra = tpp0, 2 ** -6, 417, {}
-    n, n_tot = n_params(w)
+    L = w // 8 if "depth" in v.split("_") else 2   # width and depth together, d/L = 8 (Celerity; CompleteP, L_base 2)
+    n, n_tot = n_params(w, L)
     if "nonemb" in v:       # TPP counted on non-embedding N (D = TPP·N): the small models get fewer tokens
         tpp = tpp0 * n / n_tot
     if "tppN" in v:                 # TPP ∝ N^γ around 40 at d32: γ = α/β − 1 = 0.40, the compute-optimal tilt of
@@ -61,7 +62,7 @@ def flags(v, w, seed=0):
         extra["grad_clip"] = 0
     if "hd8" in v.split("_"):                  # head_dim 8 at every width (d16: 2 heads ... d64: 8 heads)
         extra["n_head"] = w // 8
-    f = recipe_flags(w, seed, tpp, lr=lr, steps=steps, quantum=128, **extra)
+    f = recipe_flags(w, seed, tpp, lr=lr, steps=steps, quantum=128, n_layer=L, **extra)
     f["tau"] = f"{mup.tau_opt(tpp0):.6g}"  # τ_opt of the nominal TPP, at every size
     return f
 
@@ -69,11 +70,12 @@ def flags(v, w, seed=0):
 VARIANTS = ["base", "nonemb", "lr-4", "bopt", "nonemb_bopt", "hd8", "nonemb_lr-4", "stepsdown", "tpp100", "lr-5",
             "nonemb_lr-5", "lr-7", "nonemb_lr-7", "code", "nonemb_code", "nonemb_tppN04", "nonemb_tppN10", "noclip",
             "nonemb_noclip", "nonemb_code_lr-7", "nonemb_code_lr-6.5",
-            "nonemb_code_lr-6.5_tpp100"]
+            "nonemb_code_lr-6.5_tpp100", "nonemb_code_lr-6.5_depth"]
 
 
 def probe(v):
-    dirs = [train_run(f"collapse_probe3/{v}_w{w}_s0", **flags(v, w)) for w in WIDTHS]
+    # depth: d16-48 at L = 2-6 (N 6.6k-170k non-embedding); d64 at L = 8 would read 16M tokens, more than stdlib has
+    dirs = [train_run(f"collapse_probe3/{v}_w{w}_s0", **flags(v, w)) for w in (WIDTHS[:4] if "depth" in v else WIDTHS)]
     cs = [val_curve(d, 40.0, "stdlib" if "code" in v else "prose") for d in dirs]
     os.makedirs(RESULTS, exist_ok=True)
     write_curves_csv(cs, os.path.join(RESULTS, f"collapse_probe_{v}.csv"))
