@@ -333,6 +333,17 @@ def forecast(prefix_x, prefix_loss, reference, x_min=0.05, window=1):
     return float(np.exp(np.mean(np.log(y[sel]) - np.log(ref))))
 
 
+def size_shape(ells, sizes, N):
+    """ℓ_ref(x; N) = a(x) + b(x)·log N: reference curves ℓ (runs × grid) regressed on log size at every x, at size N
+    (ours: a small family's normalised curves still drift a little with size, and its mean shape then fits none of its
+    sizes; experiments/REPORT.md §3). References of one size give their mean curve."""
+    sizes = np.asarray(sizes, float)
+    if np.ptp(sizes) == 0:
+        return ells.mean(0)
+    coef = np.linalg.lstsq(np.stack([np.ones(len(sizes)), np.log(sizes)], 1), ells, rcond=None)[0]
+    return coef[0] + coef[1] * math.log(N)
+
+
 def eq4(x, e, b, q):
     """Bergsma et al. 2025, Eq. 4 before normalisation: ((1+ε1)/(x+ε1))^m + b·(η+ε2)^q, η = relative LR at x."""
     eps1, eps2, m = 1e-3, 0.1, 0.05  # the paper's constants (Bergsma et al. 2025, Eq. 4)
@@ -440,16 +451,10 @@ class CollapseMonitor:
         ends = (np.nanmin(sizes), np.nanmax(sizes)) if np.isfinite(sizes).any() else (np.nan, np.nan)
         self.by_size = size is not None and bool(np.all(np.isfinite(sizes))) and ends[0] < ends[1]
         if self.by_size:
-            def shape(keep, N):  # least squares in (1, log N) over the kept runs, evaluated at N
-                if np.ptp(sizes[keep]) == 0:  # one size left: its mean shape
-                    return ells[keep].mean(0)
-                A = np.stack([np.ones(int(keep.sum())), np.log(sizes[keep])], 1)
-                coef = np.linalg.lstsq(A, ells[keep], rcond=None)[0]
-                return coef[0] + coef[1] * math.log(N)
-            self.ref = shape(np.ones(len(refs), bool), size)
+            self.ref = size_shape(ells, sizes, size)
             inner = lambda N: ends[0] < N < ends[1]
             replay = [j for j in range(len(refs)) if inner(sizes[j]) == inner(size)] or range(len(refs))
-            pairs = [(j, shape(sizes != sizes[j], sizes[j])) for j in replay]
+            pairs = [(j, size_shape(ells[sizes != sizes[j]], sizes[sizes != sizes[j]], sizes[j])) for j in replay]
         else:
             self.ref = ells.mean(0)
             pairs = [(j, np.delete(ells, j, 0).mean(0) if len(refs) > 1 else ells[j]) for j in range(len(refs))]
@@ -516,14 +521,17 @@ def analyze(curves, offset="none", window=1, ref=None, force=False):
 
 def forecast_runs(runs, refs, at=0.3, shape="curve", window=1, force=False):
     """Forecast every run's final loss from its prefix x ≤ at, against the mean normalised curve of the reference
-    runs (shape "curve") or Eq. 4 fitted on them (shape "param"); errors where the truth is known; rank by forecast."""
+    runs (shape "curve"), their curves regressed on log N at the run's size ("size", `size_shape`) or Eq. 4 fitted
+    on them ("param"); errors where the truth is known; rank by forecast."""
     if not 0 < at <= 1:
         raise CollapseError(f"--at={at} must be in (0, 1]")
     check_mixing(runs + refs, force)
-    if shape not in ("curve", "param"):
-        raise CollapseError(f"--shape={shape} must be 'curve' or 'param'")
+    if shape not in ("curve", "size", "param"):
+        raise CollapseError(f"--shape={shape} must be 'curve', 'size' or 'param'")
+    if shape == "size" and any(not c.size for c in runs + refs):
+        raise CollapseError("--shape=size needs a size for every run (config 'N' or the CSV's size column)")
     fit = fit_param(refs, window=window) if shape == "param" else None
-    if shape == "curve":
+    if shape != "param":
         grid, _, ell, _ = normalise(refs, "none", window)
         mean_ref = (grid, ell.mean(0))
     out = []
@@ -531,7 +539,12 @@ def forecast_runs(runs, refs, at=0.3, shape="curve", window=1, force=False):
         pre = c.x <= at + 1e-12
         if pre.sum() < 3:
             raise CollapseError(f"run {c.name!r} has {int(pre.sum())} points with x ≤ {at}; a forecast needs 3")
-        ref_fn = param_reference(fit, c) if fit else (lambda x: np.interp(x, *mean_ref))
+        if shape == "param":
+            ref_fn = param_reference(fit, c)
+        elif shape == "size":
+            ref_fn = lambda x, s=size_shape(ell, [r.size for r in refs], c.size): np.interp(x, grid, s)
+        else:
+            ref_fn = lambda x: np.interp(x, *mean_ref)
         L1 = forecast(c.x[pre], c.loss[pre], ref_fn, window=window)
         row = {"run": c.name, "L1_hat": L1, "L1": None, "err": None, "curve_mae": None}
         if c.x[-1] >= COMPLETE:
@@ -614,7 +627,8 @@ def main(argv):
     c = sub.choices["forecast"]
     c.add_argument("--ref", required=True, help="the reference runs, as --runs")
     c.add_argument("--at", type=float, default=0.3, help="forecast from the prefix x <= at")
-    c.add_argument("--shape", default="curve", help="curve (mean reference curve) or param (Eq. 4 fitted on them)")
+    c.add_argument("--shape", default="curve", help="curve (mean reference curve), size (reference curves regressed "
+                   "on log N, at each run's size) or param (Eq. 4 fitted on them)")
     c = sub.add_parser("synth", help="write a synthetic family of runs to a CSV, to try the tools on")
     c.add_argument("--out", required=True, help="the CSV to write")
     c.add_argument("--tau", type=floats, default=[0.2], help="AdamW timescales, comma-separated")

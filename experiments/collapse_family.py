@@ -198,25 +198,10 @@ def stats(curves, offset, window=1):
     return res, (grid, L, ell, delta, sigma)
 
 
-def trend_ref(refs):
-    """ℓ_ref(x; N): the reference runs' ℓ = L/L(1) regressed linearly on log N at every x (the family's residual
-    drift with size, measured on the reference sizes only)."""
-    grid, _, ell, _ = C.normalise(refs, "none", 1)
-    lN = np.log([r.size for r in refs])
-    coef = np.linalg.lstsq(np.stack([np.ones_like(lN), lN], 1), ell, rcond=None)[0]
-    return lambda N, x: np.interp(x, grid, coef[0] + coef[1] * math.log(N))
-
-
-def mean_ref(refs):
-    grid, _, ell, _ = C.normalise(refs, "none", 1)
-    m = ell.mean(0)
-    return lambda N, x: np.interp(x, grid, m)
-
-
-def forecast(c, ref, at=AT, x_min=0.05):
-    """L̂(1) so that L̂(1)·ℓ_ref(x; N) matches the run's points with x_min ≤ x ≤ at (collapse.forecast)."""
-    pre = c.x <= at + 1e-12
-    return C.forecast(c.x[pre], c.loss[pre], lambda x: ref(c.size, x), x_min=x_min)
+def forecast(c, refs, shape):
+    """L̂(1) of run c from its points 0.05 ≤ x ≤ AT (collapse.forecast_runs), against the references' mean shape
+    ("curve") or their shape regressed on log N at c's size ("size")."""
+    return C.forecast_runs([c], refs, AT, shape, force=True)["ranking"][0]["L1_hat"]
 
 
 def monitor(c, refs, size, margin=MARGIN):
@@ -320,9 +305,9 @@ if __name__ == "__main__":
                     + [(c, "family_lr-6") for c in cmp_fam]):
         refs = [r for r in (cmp_fam if kind == "family_lr-6" else fam) if r.size != c.size]
         row = {"run": c.name, "family": kind, "L1": float(c.loss[-1])}
-        for shape, make in (("mean", mean_ref), ("trend", trend_ref)):
-            row[f"L1_hat_{shape}"] = forecast(c, make(refs))
-            row[f"err_{shape}"] = row[f"L1_hat_{shape}"] / c.loss[-1] - 1
+        for key, shape in (("mean", "curve"), ("trend", "size")):
+            row[f"L1_hat_{key}"] = forecast(c, refs, shape)
+            row[f"err_{key}"] = row[f"L1_hat_{key}"] / c.loss[-1] - 1
         fc.append(row)
     fsum = {}
     for f in ("family", "control", "family_lr-6"):
@@ -341,7 +326,7 @@ if __name__ == "__main__":
             c = val_curve(d, TPP, DOMAIN)
             sw.append({"value": math.log2(key) if sweep == "lr" else key, "L1": float(c.loss[-1]),
                        "L_at30": float(np.interp(AT, c.x, c.loss)),
-                       "L1_hat_mean": forecast(c, mean_ref(refs)), "L1_hat_trend": forecast(c, trend_ref(refs))})
+                       "L1_hat_mean": forecast(c, refs, "curve"), "L1_hat_trend": forecast(c, refs, "size")})
         best = lambda k: min(sw, key=lambda r: r[k])["value"]
         out["sweeps"][sweep] = {"runs": sw, "true_best": best("L1"), "picked_mean": best("L1_hat_mean"),
                                 "picked_trend": best("L1_hat_trend"), "picked_naive_at30": best("L_at30")}
