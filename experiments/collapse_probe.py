@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from common import RESULTS, n_params, recipe_flags, train_run, val_curve, write_curves_csv  # noqa: I001
+from common import RESULTS, n_params, recipe_flags, save_json, train_run, val_curve, write_curves_csv  # noqa: I001
 import collapse as C
 import mup
 
@@ -62,6 +62,8 @@ def flags(v, w, seed=0):
         extra["grad_clip"] = 0
     if "hd8" in v.split("_"):                  # head_dim 8 at every width (d16: 2 heads ... d64: 8 heads)
         extra["n_head"] = w // 8
+    if "const" in v.split("_"):                # constant LR after the warm-up: the control (Qiu et al.)
+        extra["schedule"] = "constant"
     f = recipe_flags(w, seed, tpp, lr=lr, steps=steps, quantum=128, n_layer=L, **extra)
     f["tau"] = f"{mup.tau_opt(tpp0):.6g}"  # τ_opt of the nominal TPP, at every size
     return f
@@ -70,16 +72,29 @@ def flags(v, w, seed=0):
 VARIANTS = ["base", "nonemb", "lr-4", "bopt", "nonemb_bopt", "hd8", "nonemb_lr-4", "stepsdown", "tpp100", "lr-5",
             "nonemb_lr-5", "lr-7", "nonemb_lr-7", "code", "nonemb_code", "nonemb_tppN04", "nonemb_tppN10", "noclip",
             "nonemb_noclip", "nonemb_code_lr-7", "nonemb_code_lr-6.5",
-            "nonemb_code_lr-6.5_tpp100", "nonemb_code_lr-6.5_depth"]
+            "nonemb_code_lr-6.5_tpp100", "nonemb_code_lr-6.5_depth", "nonemb_code_lr-7_depth"]
+SEEDED = {"nonemb_code_lr-7_depth": [0, 1, 2, 3, 4], "nonemb_code_lr-7_depth_const": [0, 1, 2]}  # a family, a control
 
 
-def probe(v):
+def probe(v, seeds=(0,)):
+    """Train variant v (every width, each seed), write its curves; the summary is seed 0's, plus Δ/σ with seeds."""
     # depth: d16-48 at L = 2-6 (N 6.6k-170k non-embedding); d64 at L = 8 would read 16M tokens, more than stdlib has
-    dirs = [train_run(f"collapse_probe3/{v}_w{w}_s0", **flags(v, w)) for w in (WIDTHS[:4] if "depth" in v else WIDTHS)]
+    widths = WIDTHS[:4] if "depth" in v else WIDTHS
+    dirs = [train_run(f"collapse_probe3/{v}_w{w}_s{s}", **flags(v, w, s)) for s in seeds for w in widths]
     cs = [val_curve(d, 40.0, "stdlib" if "code" in v else "prose") for d in dirs]
     os.makedirs(RESULTS, exist_ok=True)
     write_curves_csv(cs, os.path.join(RESULTS, f"collapse_probe_{v}.csv"))
-    return summary(cs)
+    res = summary(cs[:len(widths)])
+    if len(seeds) > 1:   # Qiu's σ(x) from the seeds: the supercollapse test of experiment 3, on this family
+        grid, _, _, delta, sigma = C.analyze(cs, force=True)["arrays"]
+        sel = (grid >= XS[0]) & (grid <= XS[1])
+        r = delta[sel] / sigma[sel]
+        above = np.nonzero(delta[:-1] > sigma[:-1])[0]   # Δ ≤ σ from this x on (x = 1 excluded: Δ(1) = 0)
+        res.update(seeds=list(seeds), ratio_mean=float(r.mean()), ratio_max=float(r.max()),
+                   supercollapse_from_x=float(grid[above[-1] + 1]) if len(above) else float(grid[0]),
+                   delta_at_seeds={x: float(np.interp(x, grid, delta)) for x in (0.5, 0.75, 0.9)},
+                   sigma_at={x: float(np.interp(x, grid, sigma)) for x in (0.5, 0.75, 0.9)})
+    return res
 
 
 def summary(cs):
@@ -99,9 +114,12 @@ if __name__ == "__main__":
     base = C.load_curves(os.path.join(RESULTS, "collapse_family_v2.csv"))   # the previous design, seed 0
     out["v2_base"] = summary([c for c in base if float(c.seed) == 0])
     for v in todo:
-        out[v] = probe(v)
-        json.dump(out, open(path, "w"), indent=1)
+        out[v] = probe(v, SEEDED.get(v, (0,)))
+        save_json("collapse_probe", out)
     for v, r in out.items():
         print(f"{v:14s} Δ(0.5/0.75/0.9) {[round(d, 4) for d in r['delta_at'].values()]} mean {r['delta_mean']:.4f}"
               f"  ℓ(0.5) {[round(e, 3) for e in r['ell05']]} slope/lnN {r['slope_ell05_per_lnN']:+.4f}"
-              f"  final {[round(f, 3) for f in r['final']]}", flush=True)
+              f"  final {[round(f, 3) for f in r['final']]}" + (f"  seeds {r['seeds']}: Δ/σ on {XS} mean "
+                                                                 f"{r['ratio_mean']:.2f} max {r['ratio_max']:.2f}, "
+                                                                 f"Δ ≤ σ from x = {r['supercollapse_from_x']:.2f}"
+                                                                 if "seeds" in r else ""), flush=True)
