@@ -115,6 +115,8 @@ def _checked(c, where):
     c.eta = lr / lr.max() if len(lr) and np.all(np.isfinite(lr)) and lr.max() > 0 else None
     if not (np.all(np.isfinite(c.x)) and np.all(np.isfinite(c.loss))):
         raise CollapseError(f"{where}: run {c.name!r} has a missing, NaN or infinite x or loss")
+    if c.size is not None and not (math.isfinite(c.size) and c.size > 0):
+        raise CollapseError(f"{where}: run {c.name!r} has size {c.size}; a size must be a positive parameter count")
     if np.any(np.diff(c.x) <= 0):
         i = int(np.argmax(np.diff(c.x) <= 0)) + 1
         raise CollapseError(f"{where}: run {c.name!r} has non-increasing x at point {i + 1} "
@@ -155,6 +157,9 @@ def load_run(path, signal="train"):
             if not (isinstance(r["val"], dict) and r["val"]):
                 raise CollapseError(f"{path}/log.jsonl line {i}: 'val' is not an object of per-domain losses")
             rows.append({**r, "loss": next(iter(r["val"].values()))})
+    if signal == "val" and sum(isinstance(r.get("tokens"), (int, float)) and r["tokens"] > 0 for r in rows) < 3:
+        raise CollapseError(f"{path}/log.jsonl has fewer than 3 evaluations after step 0; a validation curve needs "
+                            "at least 3 (a smaller --eval_interval)")
     num = lambda k: np.array([r[k] if isinstance(r.get(k), (int, float)) else np.nan for r in rows], float)
     return _checked(Curve(os.path.basename(os.path.normpath(path)), num("tokens") / cfg["D"], num("loss"),
                           cfg.get("N"), cfg.get("seed"), cfg.get("schedule"), cfg.get("TPP"), cfg.get("tau"),
@@ -431,9 +436,10 @@ class CollapseMonitor:
     their shape regressed on log N at every x, ℓ_ref(x; N) = a(x) + b(x)·log N (ours: a family that still drifts a
     little with size, as small ones do, is then compared with its shape at this N, not with its mean), and each
     reference size is replayed against the regression on the other sizes — only sizes inside the others' range when
-    N is inside the reference range (interpolations, like this run's own reference), else only the end sizes."""
+    N is inside the reference range (interpolations, like this run's own reference), else only the end sizes (all
+    sizes where there are none of the kind). `self.about` says which reference is in use, in one line."""
 
-    def __init__(self, reference, size=None, fit_until=0.3, x_min=0.05, window=3, margin=5.0, floor=1e-4):
+    def __init__(self, reference, *, size=None, fit_until=0.3, x_min=0.05, window=3, margin=5.0, floor=1e-4):
         """reference: Curves, or what load_curves reads (run directories' validation loss, or CSV); one that cannot
         be read raises CollapseError."""
         refs = reference
@@ -455,9 +461,13 @@ class CollapseMonitor:
             inner = lambda N: ends[0] < N < ends[1]
             replay = [j for j in range(len(refs)) if inner(sizes[j]) == inner(size)] or range(len(refs))
             pairs = [(j, size_shape(ells[sizes != sizes[j]], sizes[sizes != sizes[j]], sizes[j])) for j in replay]
+            self.about = (f"the shape of {len(refs)} reference runs at N = {size:,.0f}, regressed on log N over sizes "
+                          f"{ends[0]:,.0f}-{ends[1]:,.0f}" + ("" if inner(size) else " (an extrapolation)"))
         else:
             self.ref = ells.mean(0)
             pairs = [(j, np.delete(ells, j, 0).mean(0) if len(refs) > 1 else ells[j]) for j in range(len(refs))]
+            self.about = f"the mean shape of {len(refs)} reference runs" + (
+                " (not at this run's size: the references lack sizes or have one)" if size is not None else "")
         px = np.concatenate([refs[j].x[refs[j].x >= x_min] for j, _ in pairs])
         ps = np.concatenate([self._track(refs[j].x, refs[j].loss, o)[1][refs[j].x >= x_min] for j, o in pairs])
         near = np.abs(self.grid[:, None] - px[None, :]) <= 0.1

@@ -2321,11 +2321,18 @@ def test_monitor_at_the_runs_size_sees_a_bump_that_size_drift_hides():
         for size, loss, first in ((None, live.loss * bump, None), (N, live.loss, None), (N, live.loss * bump, 0.65)):
             m = CollapseMonitor(refs, size=size)
             alerts = [x for x, l in zip(live.x, loss) if m.update(x, l)["alert"]]
-            # measured: by size, first alert at 0.6375–0.6575, healthy peaks at 0.51–0.71 of the band; the mean
-            # reference's |smoothed| peaks at 0.35–0.49 of its band, bump or not
+            # measured (6 runs): by size, first alert at 0.6375–0.6575, healthy peaks at 0.62–0.71 of the band; the
+            # mean reference's |smoothed| peaks at 0.35–0.47 of its band, bump or not
             assert (alerts[0] if alerts else None) == (pytest.approx(first, abs=0.015) if first else None), alerts[:1]
     two = CollapseMonitor(refs[:4], size=1.5e6)  # two sizes: the leave-one-size-out replays fall back to one size
     assert two.by_size and np.all(np.isfinite(two.band))
+    # a size past the references: an extrapolation, whose band comes from the end sizes' replays (measured: up to 21%
+    # off the interior one); a healthy run there stays inside it (measured: 0.67 of the band at most)
+    out, inside = CollapseMonitor(refs, size=32e6), CollapseMonitor(refs, size=3e6)
+    assert out.about.endswith("(an extrapolation)") and np.max(np.abs(out.band / inside.band - 1)) > 0.1
+    live = synthetic([32e6], tau_of(32e6), noise=0.003, points=400, rng=30)[0]
+    assert not any(out.update(x, l)["alert"] for x, l in zip(live.x, live.loss))
+    assert CollapseMonitor(refs).about == "the mean shape of 10 reference runs"
     with pytest.raises(CollapseError, match="^collapse monitor: the run's size must be a positive parameter count, "
                                             "got 0$"):
         CollapseMonitor(refs, size=0)
@@ -2394,6 +2401,9 @@ def test_bad_input_is_one_sentence(tmp_path):
         load_curves(csv_with(["a,1,3.0"], header="run,step,los"))
     with pytest.raises(CollapseError, match="no column 'N'"):
         load_curves(csv_with(["a,1,3.0"]), size_col="N")
+    for size in ("-5", "nan", "0"):  # a size the regression on log N cannot take
+        with pytest.raises(CollapseError, match=f"run 'a' has size {float(size)}; a size must be a positive parameter"):
+            load_curves(csv_with([f"a,{k},3.0,{size}" for k in (1, 2, 3)], header="run,step,loss,size"))
     other = synthetic([16e6], 0.2, schedule="cosine", points=50)
     with pytest.raises(CollapseError, match="mix LR schedules"):
         analyze(good + other)

@@ -633,6 +633,8 @@ def main(argv):
               f"{B:,} tokens, η={cfg.lr:g}, λ={cfg.weight_decay:.4g}, τ(hidden)={taus.get('hidden') or math.inf:.4g}, "
               f"{raw.config.param}, {device} {cfg.dtype}" + (f", world {world}" if world > 1 else "")
               + (", FSDP" if fsdp else "") + (", activation checkpointing" if cfg.activation_checkpointing else ""))
+        if monitor:
+            print(f"collapse monitor: validation loss ({next(iter(domains))}) against {monitor.about}")
 
     def log(rec):
         if master:

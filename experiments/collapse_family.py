@@ -365,7 +365,7 @@ if __name__ == "__main__":
         cfg, lines, _ = read_run(d)
         xt = np.array([l["tokens"] / cfg["D"] for l in lines])
         lt = np.array([l["loss"] for l in lines])
-        live = np.array([e["collapse_residual"] for e in read_run(d)[2] if e["step"] > 0])
+        live = np.array([e.get("collapse_residual", np.nan) for e in read_run(d)[2] if e["step"] > 0])
         o = {"final_val": float(c.loss[-1]), "final_val_excess": float(c.loss[-1] / tw_final.mean() - 1),
              "final_val_excess_over_worst_twin": float(c.loss[-1] / tw_final.max() - 1),
              "max_val_rise_after_fault": float(np.max(np.diff(c.loss)[c.x[1:] > FAULT_AT])),
@@ -436,7 +436,7 @@ if __name__ == "__main__":
     for i, c in enumerate(twins):
         axes[0].plot(c.x, c.loss, color="gray", lw=0.8, label=f"healthy twins ({len(twins)} seeds)" if i == 0 else None)
     tw = [monitor(c, mon_refs, N_mid) for c in twins]
-    axes[1].plot(twins[0].x, tw[0]["band"], "k:", label=f"band ({MARGIN:g} × rms of d24, d48 vs the other sizes)")
+    axes[1].plot(twins[0].x, tw[0]["band"], "k:", label=f"band ({MARGIN:g} × rms of the reference sizes' replays)")
     axes[1].plot(twins[0].x, -tw[0]["band"], "k:")
     for i, (c, m) in enumerate(zip(twins, tw)):
         axes[1].plot(c.x, m["smoothed"], color="gray", lw=0.8, label="twins" if i == 0 else None)

@@ -124,7 +124,8 @@ def recipe_flags(w, seed, tpp, lr=2 ** -6, n_layer=2, batch=1024, evals=50, tau=
     """Experiments 3-4's recipe at width w: CompleteP (d_base 16, L_base 2), prose, D = TPP × (N + embedding) rounded
     up to whole batches of `batch` tokens (sequences of 128), linear decay to zero after 10% warm-up, τ = τ_opt(TPP)
     for every decayed group (train.py --tau: λ_g = B/(η_g·τ·D)), validation loss on 8 fixed windows of 1,024 tokens
-    evaluated ≈`evals` times per run (the collapse curves), training loss logged ≈200 times (the live monitor).
+    evaluated ≈`evals` times per run (the collapse curves and train.py's live monitor), training loss logged ≈200
+    times.
     tau: "opt", a number, or None to use weight_decay=… from extra (a fixed λ). steps: instead of a fixed batch, the
     batch (a multiple of `quantum` tokens, 1,024 or one sequence of 128, accumulated in micro-batches of at most
     1,024) that gives about this many steps at every size; evaluation windows do not depend on the batch."""
