@@ -8,6 +8,9 @@ quantised). The first four variants run (base, nonemb, lr-4, bopt) were trained 
 batches to multiples of up to 8 sequences: a rerun from scratch gives them step counts that differ by up to 5%.
 Resumable; each variant ≈ 1-4 min of one core (TPP ∝ N: 5 min; "depth", widths 16-48 at depths 2-6: 9 min).
 
+The variants in SEEDED (the width-and-depth family at η = 2^-7 and its constant-LR control) train every seed and
+also report Δ/σ with Qiu et al.'s seed floor σ; their summary row is seed 0's.
+
     python experiments/collapse_probe.py [VARIANT ...]      # default: every variant below
 """
 import json
