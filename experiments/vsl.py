@@ -19,10 +19,11 @@ tokens (4.1M, switch at 1,500) from v1's 8M-token bases.
 v1 (`--v1`, the first attempt, REPORT §2): 128 → 512 on `synth_copy` (far copies 128–512 back) and on real Python
 code (`stdlib`), batch 1,024, windows of 1,024.
 
-    python experiments/vsl.py [--quick] [--v1] [--shared_base]
+    python experiments/vsl.py [--quick] [--v1] [--shared_base | --farther]
 
 --shared_base: v3 on synth_copy_far with seed 0's base copier for every seed (results/vsl_shared_base.json,
-results/vsl_by_position_shared_base.csv): seeds then differ only by the comparison's batches.
+results/vsl_by_position_shared_base.csv): seeds then differ only by the comparison's batches. --farther: the same on
+synth_copy_far2, far copies from 1,400-2,000 back only (results/vsl_farther.json, vsl_by_position_farther.csv).
 
 v3 also runs the two schedules from scratch on real Python code (`stdlib`, 2 seeds). It writes results/vsl.json,
 results/vsl_by_position.csv (synth_copy_far: schedule, seed, position, loss, short_len, long_len),
@@ -51,6 +52,13 @@ V1 = "--v1" in sys.argv[1:]
 # --shared_base: v3 with one base copier (seed 0's) for every seed, so that seeds differ only by the batches of the
 # comparison itself, not by how well their bases copy (v3's seed spread of each schedule's loss is the bases')
 SHARED = "--shared_base" in sys.argv[1:]
+# --farther: the shared-base design on synth_copy_far2, whose far copies come from 1,400-2,000 back only (5.5-8 logits
+# of ALiBi penalty on the flattest head, nearer BTLM's >= 8 past its 2,048 window): is short-only's loss past its
+# window then no better than at its end? (v3's short-only model still copies from 512-1,000 back.)
+FARTHER = "--farther" in sys.argv[1:]
+SHARED = SHARED or FARTHER
+data_mod.SYNTHETIC["synth_copy_far2"] = lambda stats, **kw: data_mod.iter_synth_copy(stats, **{"far": (1400, 2000),
+                                                                                            **kw})
 if V1:
     SHORT, LONG, EVAL_T, PER_DOC, RUN_DIR, TAG = 128, 512, 1024, 16, "vsl", "_v1"
     # (domain, tokens per run, seeds, evaluation windows). synth_copy needs ≈ 2-3M tokens before copying appears
@@ -74,6 +82,8 @@ else:
     BASE_DIR = RUN_DIR
     if SHARED:
         RUN_DIR, TAG, DOMAINS = "vsl3_shared", "_shared_base", DOMAINS[:1]
+    if FARTHER:
+        RUN_DIR, TAG, DOMAINS = "vsl3_farther", "_farther", [("synth_copy_far2",) + DOMAINS[0][1:]]
 SCHEDULES = {"short": f"{SHORT}", "vsl": f"{SHORT}:0.75,{LONG}:0.25"}
 MODEL = dict(n_layer=2, n_head=4, n_embd=64, param="mup", d_base=64, lr=1.2e-2, batch_tokens=BATCH,
              schedule="linear", warmup=0.02, eval_batches=8, log_interval=100)
@@ -310,7 +320,7 @@ for domain, tokens, seeds, n_windows in DOMAINS:
 os.makedirs(RESULTS, exist_ok=True)
 for domain, path, with_domain in ([("synth_copy", "vsl_by_position_v1.csv", False),
                                    ("stdlib", "vsl_by_position_stdlib.csv", True)] if V1 else
-                                  [("synth_copy_far", f"vsl_by_position{TAG}.csv", False),
+                                  [(DOMAINS[0][0], f"vsl_by_position{TAG}.csv", False),
                                    ("stdlib", "vsl_by_position_stdlib_512.csv", True)]):
     if domain not in curves:
         continue
