@@ -110,7 +110,7 @@ def synthetic(sizes, tau=0.2, seeds=1, schedule="d2z", warmup=0.05, L0=0.0, nois
 # -----------------------------------------------------------------------------
 # reading curves: run directories and long CSV
 
-def _checked(c, where):
+def _checked(c, where, hint=""):
     lr = c.eta  # the loaders pass the logged LR; η = LR / peak LR, only when every point has one
     c.eta = lr / lr.max() if len(lr) and np.all(np.isfinite(lr)) and lr.max() > 0 else None
     if not (np.all(np.isfinite(c.x)) and np.all(np.isfinite(c.loss))):
@@ -124,7 +124,8 @@ def _checked(c, where):
     keep = c.x > 0  # points before any training (x = 0) are not part of the curve on (0, 1]
     c.x, c.loss, c.eta = c.x[keep], c.loss[keep], None if c.eta is None else c.eta[keep]
     if len(c.x) < 3:
-        raise CollapseError(f"{where}: run {c.name!r} has {len(c.x)} points with x > 0; a curve needs at least 3")
+        raise CollapseError(f"{where}: run {c.name!r} has {len(c.x)} points with x > 0; a curve needs at least 3"
+                            + hint)
     return c
 
 
@@ -157,9 +158,6 @@ def load_run(path, signal="train"):
             if not (isinstance(r["val"], dict) and r["val"]):
                 raise CollapseError(f"{path}/log.jsonl line {i}: 'val' is not an object of per-domain losses")
             rows.append({**r, "loss": next(iter(r["val"].values()))})
-    if signal == "val" and sum(isinstance(r.get("tokens"), (int, float)) and r["tokens"] > 0 for r in rows) < 3:
-        raise CollapseError(f"{path}/log.jsonl has fewer than 3 evaluations after step 0; a validation curve needs "
-                            "at least 3 (a smaller --eval_interval)")
     num = lambda k: np.array([r[k] if isinstance(r.get(k), (int, float)) else np.nan for r in rows], float)
     return _checked(Curve(os.path.basename(os.path.normpath(path)), num("tokens") / cfg["D"], num("loss"),
                           cfg.get("N"), cfg.get("seed"), cfg.get("schedule"), cfg.get("TPP"), cfg.get("tau"),
@@ -167,7 +165,7 @@ def load_run(path, signal="train"):
                           {k: cfg[k] for k in ("final_lr_frac", "wsd_decay") if isinstance(cfg.get(k), (int, float))}
                           | ({"steps": cfg["steps"]}
                              if isinstance(cfg.get("steps"), int) and cfg["steps"] > 0 else {})),
-                    path)
+                    path, " (its evaluations: a smaller --eval_interval gives more)" if signal == "val" else "")
 
 
 def load_csv(path, x=None, size_col=None, seed_col=None):
@@ -453,9 +451,9 @@ class CollapseMonitor:
         self.fit_until, self.x_min, self.window = fit_until, x_min, window
         self.grid = np.linspace(max(c.x[0] for c in refs), 1.0, 400)
         ells = np.stack([normalise([c], "none", max(1, len(c.x) // 50), self.grid)[2][0] for c in refs])
-        sizes = np.array([c.size or np.nan for c in refs], float)
-        ends = (np.nanmin(sizes), np.nanmax(sizes)) if np.isfinite(sizes).any() else (np.nan, np.nan)
-        self.by_size = size is not None and bool(np.all(np.isfinite(sizes))) and ends[0] < ends[1]
+        sizes = np.array([c.size or 0.0 for c in refs], float)   # _checked: a size is None or positive
+        ends = (sizes.min(), sizes.max())
+        self.by_size = size is not None and ends[0] > 0 and ends[0] < ends[1]
         if self.by_size:
             self.ref = size_shape(ells, sizes, size)
             inner = lambda N: ends[0] < N < ends[1]
@@ -543,7 +541,7 @@ def forecast_runs(runs, refs, at=0.3, shape="curve", window=1, force=False):
     fit = fit_param(refs, window=window) if shape == "param" else None
     if shape != "param":
         grid, _, ell, _ = normalise(refs, "none", window)
-        mean_ref = (grid, ell.mean(0))
+        ref_sizes = [r.size for r in refs]
     out = []
     for c in runs:
         pre = c.x <= at + 1e-12
@@ -551,10 +549,9 @@ def forecast_runs(runs, refs, at=0.3, shape="curve", window=1, force=False):
             raise CollapseError(f"run {c.name!r} has {int(pre.sum())} points with x ≤ {at}; a forecast needs 3")
         if shape == "param":
             ref_fn = param_reference(fit, c)
-        elif shape == "size":
-            ref_fn = lambda x, s=size_shape(ell, [r.size for r in refs], c.size): np.interp(x, grid, s)
         else:
-            ref_fn = lambda x: np.interp(x, *mean_ref)
+            s = size_shape(ell, ref_sizes, c.size) if shape == "size" else ell.mean(0)
+            ref_fn = lambda x, s=s: np.interp(x, grid, s)
         L1 = forecast(c.x[pre], c.loss[pre], ref_fn, window=window)
         row = {"run": c.name, "L1_hat": L1, "L1": None, "err": None, "curve_mae": None}
         if c.x[-1] >= COMPLETE:

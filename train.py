@@ -617,6 +617,7 @@ def main(argv):
     # the collapse monitor follows the first domain's validation loss (fixed windows: runs differ by their models,
     # not by their batches), against the reference runs' shape at this run's N
     monitor = CollapseMonitor(cfg.collapse_ref, size=N) if cfg.collapse_ref and master else None
+    watched = next(iter(domains))
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), run_info)
@@ -628,13 +629,13 @@ def main(argv):
         if monitor:  # replay the history so the monitor's fit of this run's scale is the same as without a break
             for r in map(json.loads, kept):
                 if "val" in r and r["step"] > 0:
-                    monitor.update(r["tokens"] / D, next(iter(r["val"].values())))
+                    monitor.update(r["tokens"] / D, r["val"][watched])
         print(f"{cfg.out_dir}: N={N:,} non-embedding params, D={D:,} tokens ({D / N:.1f} TPP), {steps} steps of "
               f"{B:,} tokens, η={cfg.lr:g}, λ={cfg.weight_decay:.4g}, τ(hidden)={taus.get('hidden') or math.inf:.4g}, "
               f"{raw.config.param}, {device} {cfg.dtype}" + (f", world {world}" if world > 1 else "")
               + (", FSDP" if fsdp else "") + (", activation checkpointing" if cfg.activation_checkpointing else ""))
         if monitor:
-            print(f"collapse monitor: validation loss ({next(iter(domains))}) against {monitor.about}")
+            print(f"collapse monitor: validation loss ({watched}) against {monitor.about}")
 
     def log(rec):
         if master:
@@ -719,7 +720,7 @@ def main(argv):
             v = evaluate()
             rec = {"step": step, "tokens": step * B, "val": v}
             if monitor:
-                m = monitor.update(step * B / D, next(iter(v.values())))
+                m = monitor.update(step * B / D, v[watched])
                 rec["collapse_residual"] = m["smoothed"]
                 if m["alert"]:
                     say(m["warning"])

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from common import (RESULTS, RUNS, n_params, plt, quick, read_run, recipe_flags, save_json,  # noqa: I001
-                    savefig, train_run, val_curve, write_curves_csv)
+                    savefig, train_run, val_curve, window_stats, write_curves_csv)
 import collapse as C
 import data as data_mod
 import model as model_mod
@@ -179,25 +179,6 @@ FAULTS = {"mix25": (lambda: mixture_shift(0.25), f"25% of the sequences from {OT
 
 
 # ---- analysis helpers
-def stats(curves, offset, window=1):
-    """collapse.analyze plus the Δ/σ ratio over x in XS."""
-    res = C.analyze(curves, offset=offset, window=window, force=True)
-    grid, L, ell, delta, sigma = res.pop("arrays")
-    sel = (grid >= XS[0]) & (grid <= XS[1])
-    at = lambda a, x: float(np.interp(x, grid, a))
-    res["ell05_by_size"] = {str(int(s)): float(np.mean([at(e, 0.5) for c, e in zip(curves, ell) if c.size == s]))
-                            for s in sorted({c.size for c in curves})}
-    if sigma is not None:
-        r = delta[sel] / sigma[sel]
-        above = np.nonzero(delta[:-1] > sigma[:-1])[0]   # Δ ≤ σ from this x to the end (x = 1 excluded: Δ(1) = 0)
-        res.update(supercollapse_from_x=float(grid[above[-1] + 1]) if len(above) else float(grid[0]))
-        res.update(ratio_mean=float(r.mean()), ratio_max=float(r.max()), frac_below=float(np.mean(r <= 1)),
-                   delta_mean=float(delta[sel].mean()), sigma_mean=float(sigma[sel].mean()),
-                   delta_at={str(x): at(delta, x) for x in (0.5, 0.75, 0.9)},
-                   sigma_at={str(x): at(sigma, x) for x in (0.5, 0.75, 0.9)})
-    return res, (grid, L, ell, delta, sigma)
-
-
 def forecast(c, refs, shape):
     """L̂(1) of run c from its points 0.05 ≤ x ≤ AT (collapse.forecast_runs), against the references' mean shape
     ("curve") or their shape regressed on log N at c's size ("size")."""
@@ -287,14 +268,14 @@ if __name__ == "__main__":
     table, arrays = {}, {}
     for fn, cs in (("family", fam), ("control", ctl), ("family_lr-6", cmp_fam), ("control_lr-6", cmp_ctl)):
         for off in ("none", "fit"):
-            res, arr = stats(cs, off)
+            res, arr = window_stats(cs, off, XS)
             table[f"{fn}_{off}"], arrays[f"{fn}_{off}"] = res, arr
             print(f"{fn:8s} offset={off:4s} L0={res['L0']:.3f}  Δ {np.round(res['delta'], 4)}  "
                   f"σ {np.round(res['sigma'], 4)}  Δ/σ on [{XS[0]}, {XS[1]}]: mean {res['ratio_mean']:.2f} "
                   f"max {res['ratio_max']:.2f}, Δ ≤ σ from x = {res['supercollapse_from_x']:.2f}; "
                   f"ℓ(0.5) by size {res['ell05_by_size']}", flush=True)
     # the family with 3 seeds only (the previous design's count), to see what the extra seeds change
-    res3, _ = stats([c for c in fam if c.seed < 3], "none")
+    res3, _ = window_stats([c for c in fam if c.seed < 3], "none", XS)
     table["family_none_3seeds"] = res3
     print(f"family, seeds 0-2 only: Δ/σ mean {res3['ratio_mean']:.2f} max {res3['ratio_max']:.2f}")
     out["collapse"] = table

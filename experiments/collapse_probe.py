@@ -19,7 +19,8 @@ import sys
 
 import numpy as np
 
-from common import RESULTS, n_params, recipe_flags, save_json, train_run, val_curve, write_curves_csv  # noqa: I001
+from common import (RESULTS, n_params, recipe_flags, save_json, train_run, val_curve, window_stats,  # noqa: I001
+                    write_curves_csv)
 import collapse as C
 import mup
 
@@ -89,14 +90,9 @@ def probe(v, seeds=(0,)):
     write_curves_csv(cs, os.path.join(RESULTS, f"collapse_probe_{v}.csv"))
     res = summary(cs[:len(widths)])
     if len(seeds) > 1:   # Qiu's σ(x) from the seeds: the supercollapse test of experiment 3, on this family
-        grid, _, _, delta, sigma = C.analyze(cs, force=True)["arrays"]
-        sel = (grid >= XS[0]) & (grid <= XS[1])
-        r = delta[sel] / sigma[sel]
-        above = np.nonzero(delta[:-1] > sigma[:-1])[0]   # Δ ≤ σ from this x on (x = 1 excluded: Δ(1) = 0)
-        res.update(seeds=list(seeds), ratio_mean=float(r.mean()), ratio_max=float(r.max()),
-                   supercollapse_from_x=float(grid[above[-1] + 1]) if len(above) else float(grid[0]),
-                   delta_at_seeds={x: float(np.interp(x, grid, delta)) for x in (0.5, 0.75, 0.9)},
-                   sigma_at={x: float(np.interp(x, grid, sigma)) for x in (0.5, 0.75, 0.9)})
+        st, _ = window_stats(cs, "none", XS)
+        res.update(seeds=list(seeds), delta_at_seeds=st["delta_at"],
+                   **{k: st[k] for k in ("ratio_mean", "ratio_max", "supercollapse_from_x", "sigma_at")})
     return res
 
 

@@ -184,3 +184,25 @@ def write_curves_csv(curves, path):
                 wr.writerow([c.name, round(x * T) * c.B, round(x * T), f"{l:.6f}", int(c.size), c.seed, c.schedule,
                              f"{c.tpp:.6g}", f"{c.tau:.6g}", f"{e:.6g}"])
     return path
+
+
+def window_stats(curves, offset, xs, window=1):
+    """collapse.analyze (Δ, σ) plus experiment 3's summary over the supercollapse window xs: the Δ/σ ratio's mean
+    and max, where Δ ≤ σ holds from, ℓ(0.5) by size; returns it and the arrays."""
+    import numpy as np
+    import collapse as C
+    res = C.analyze(curves, offset=offset, window=window, force=True)
+    grid, L, ell, delta, sigma = res.pop("arrays")
+    sel = (grid >= xs[0]) & (grid <= xs[1])
+    at = lambda a, x: float(np.interp(x, grid, a))
+    res["ell05_by_size"] = {str(int(s)): float(np.mean([at(e, 0.5) for c, e in zip(curves, ell) if c.size == s]))
+                            for s in sorted({c.size for c in curves})}
+    if sigma is not None:
+        r = delta[sel] / sigma[sel]
+        above = np.nonzero(delta[:-1] > sigma[:-1])[0]   # Δ ≤ σ from this x to the end (x = 1 excluded: Δ(1) = 0)
+        res.update(supercollapse_from_x=float(grid[above[-1] + 1]) if len(above) else float(grid[0]))
+        res.update(ratio_mean=float(r.mean()), ratio_max=float(r.max()), frac_below=float(np.mean(r <= 1)),
+                   delta_mean=float(delta[sel].mean()), sigma_mean=float(sigma[sel].mean()),
+                   delta_at={str(x): at(delta, x) for x in (0.5, 0.75, 0.9)},
+                   sigma_at={str(x): at(sigma, x) for x in (0.5, 0.75, 0.9)})
+    return res, (grid, L, ell, delta, sigma)
